@@ -1,0 +1,46 @@
+"""Options and helpers shared by every command group (defined once, as rasterio's `rio`)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from stacchip_db.config import Settings
+from stacchip_db.db import Database, check_schema, connect, resolve_url
+
+
+@dataclass
+class CliContext:
+    """What the root group hands to every command."""
+
+    settings: Settings
+    verbose: int = 0
+    quiet: bool = False
+
+    def database_url(self) -> str:
+        """The URL to use, starting the embedded database when no server URL is set."""
+        return resolve_url(self.settings)
+
+
+pass_cli = click.make_pass_decorator(CliContext)
+
+
+def with_database(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give the command a `db: Database` whose schema passed the gate.
+
+    The gate runs once per command, on its own connection, closed before the command runs.
+    """
+
+    @pass_cli
+    @functools.wraps(func)
+    def wrapper(cli: CliContext, *args: Any, **kwargs: Any) -> Any:
+        url = cli.database_url()
+        with connect(url, autocommit=True) as conn:
+            check_schema(conn, url)
+        return func(*args, db=Database(url), **kwargs)
+
+    return wrapper

@@ -1,0 +1,70 @@
+"""Settings read in one place: the database URL and where the embedded database lives.
+
+The CLI builds `Settings` from its options and the environment; tests build it with explicit
+values so nothing leaks in from a developer's shell.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DATABASE_URL_ENV = "STACCHIP_DATABASE_URL"
+HOME_ENV = "STACCHIP_HOME"
+
+
+def default_home() -> Path:
+    """`$XDG_DATA_HOME/stacchip-db`, usually `~/.local/share/stacchip-db`."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "stacchip-db"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the database is.
+
+    `database_url` is a libpq URL or keyword/value string; None means the embedded database
+    under `home`.
+    """
+
+    database_url: str | None = None
+    home: Path = Path()
+
+    @classmethod
+    def from_env(cls, database_url: str | None = None, home: str | Path | None = None) -> Settings:
+        """Explicit values win over `STACCHIP_DATABASE_URL` and `STACCHIP_HOME`."""
+        url = database_url or os.environ.get(DATABASE_URL_ENV) or None
+        home_path = Path(home or os.environ.get(HOME_ENV) or default_home()).expanduser()
+        return cls(database_url=url, home=home_path.absolute())
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+
+# postgresql://user:secret@host/db  and  password=secret  (libpq keyword form)
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?=@)", re.I)
+_KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.I)
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>[^&\s]+)", re.I)
+MASK = "***"
+
+
+def mask_url(text: str) -> str:
+    """Replace every password in `text` (URL, query or keyword form) with `***`."""
+    for pattern in (_URL_PASSWORD, _KV_PASSWORD, _QUERY_PASSWORD):
+        text = pattern.sub(lambda m: m.group("head") + MASK, text)
+    return text
+
+
+class MaskPasswordsFilter(logging.Filter):
+    """Logging filter that masks passwords in every record, whatever logged it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_url(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
