@@ -1,0 +1,428 @@
+"""The chip grid of a STAC item: which chips exist, where they are, which pixels they cover.
+
+Same semantics as the original stacchip (`stacchip/indexer.py`, 0.1.38), so that an index built
+here agrees chip for chip with one built there:
+
+- the grid is the item's finest pixel grid: `proj:shape`/`proj:transform` on the item, else
+  those of the asset with the smallest pixel (largest shape); an explicit shape may be passed;
+- `x_size = floor(width / chip_size)`, `y_size = floor(height / chip_size)`; chip `(x, y)` covers
+  pixels `[y*cs, (y+1)*cs) x [x*cs, (x+1)*cs)`; pixels past the last whole chip are not chipped;
+- a chip's footprint is its four pixel-grid corners in the native CRS, reprojected to EPSG:4326
+  (corners only, no densification, as the original).
+
+Two deliberate differences, both fixes:
+
+- the original took `proj:transform` from the asset whose *first* transform element is largest,
+  i.e. the coarsest asset (60 m on Sentinel-2) while taking the shape from the finest (10 m), so
+  its Sentinel-2 footprints are six times too large; here shape and transform come from the same,
+  finest asset. Chip indices and quality fractions are unaffected.
+- the original passed the top edge as `miny` to `shapely.box`, giving clockwise rings starting at
+  the top-right corner; here exterior rings are counter-clockwise (OGC / RFC 7946), in the order
+  `shapely.box(left, bottom, right, top)` gives. The geometries are equal (`ST_Equals`).
+
+Footprints are computed for the whole grid at once: the `(y_size + 1) x (x_size + 1)` lattice of
+chip corners goes through one pyproj call and the polygons are assembled by shapely's vectorised
+constructors, so a 43 x 43 Sentinel-2 grid costs milliseconds, not one transform per chip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pyproj
+import shapely
+from affine import Affine
+from rasterio.windows import Window
+
+from stacchip_db.errors import StacchipError
+
+CHIP_SIZE = 256
+"""Default chip size in pixels of the item's finest grid (the Clay model's input size)."""
+
+CRS_KEYS = ("proj:code", "proj:epsg", "proj:wkt2", "proj:projjson")
+"""Projection-extension fields a CRS is read from, in order of preference."""
+
+_WGS84 = pyproj.CRS.from_epsg(4326)
+_METRE_UNITS = frozenset({"metre", "meter", "m"})
+# Pixel-coordinate tolerance for "is an integer": generous for float noise in STAC transforms
+# (values like 0.6 or 4749053.4), far below any real misalignment.
+_PIXEL_TOL = 1e-6
+
+
+class GridError(StacchipError):
+    """The item's georeferencing does not define a usable chip grid."""
+
+
+class NoCRSError(GridError):
+    """Neither the item nor any asset carries a CRS pyproj understands."""
+
+
+class CRSUnitError(GridError):
+    """The CRS is not projected in metres, so pixel-sized chips have no fixed ground size."""
+
+
+class NoGeoreferenceError(GridError):
+    """No `proj:shape` or `proj:transform` on the item or its assets."""
+
+
+class AssetGridError(GridError):
+    """An asset's pixel grid is not the finest grid coarsened by an integer factor."""
+
+
+class ChipSizeError(GridError):
+    """The chip size is not a positive integer or does not fit the scene."""
+
+
+@dataclass(frozen=True)
+class ItemView:
+    """The parts of a STAC item the grid and quality code read, from a dict or a pystac Item.
+
+    Accepting both keeps callers free to pass what they have (processors hold pystac Items,
+    tests and the database hold dicts) without converting back and forth.
+    """
+
+    id: str
+    properties: Mapping[str, Any]
+    assets: Mapping[str, Mapping[str, Any]]
+
+
+def item_view(item: Any) -> ItemView:
+    """Read id, properties and assets (each with its absolute `href`) of a dict or pystac Item."""
+    if isinstance(item, ItemView):
+        return item
+    if isinstance(item, Mapping):
+        return ItemView(
+            id=str(item.get("id", "<no id>")),
+            properties=item.get("properties") or {},
+            assets=item.get("assets") or {},
+        )
+    assets: dict[str, dict[str, Any]] = {}
+    for key, asset in item.assets.items():
+        fields = dict(asset.extra_fields)
+        fields["href"] = asset.get_absolute_href() or asset.href
+        assets[key] = fields
+    return ItemView(id=str(item.id), properties=item.properties, assets=assets)
+
+
+def _crs_from_fields(fields: Mapping[str, Any], item_id: str, where: str) -> pyproj.CRS | None:
+    for key in CRS_KEYS:
+        value = fields.get(key)
+        if value is None:
+            continue
+        try:
+            if key == "proj:epsg":
+                return pyproj.CRS.from_epsg(int(value))
+            if key == "proj:projjson":
+                return pyproj.CRS.from_json_dict(value)
+            return pyproj.CRS.from_user_input(value)
+        except (pyproj.exceptions.CRSError, TypeError, ValueError) as e:
+            raise NoCRSError(
+                f"item {item_id}: {where} has {key}={str(value)[:80]!r}, which is not a CRS "
+                f"pyproj understands ({e}); fix the item's projection fields"
+            ) from e
+    return None
+
+
+def item_crs(item: Any, *, prefer_asset: str | None = None) -> pyproj.CRS:
+    """The item's CRS, checked to be projected in metres.
+
+    Looked up on the item's properties first, then on `prefer_asset` (the asset the grid comes
+    from), then on any asset; from `proj:code`, `proj:epsg`, `proj:wkt2` or `proj:projjson`
+    (pystac >= 1.12 rewrites `proj:epsg` as `proj:code`, older items only have `proj:epsg`).
+    """
+    view = item_view(item)
+    crs = _crs_from_fields(view.properties, view.id, "the item")
+    keys = list(view.assets)
+    if prefer_asset in view.assets:
+        keys.remove(prefer_asset)
+        keys.insert(0, prefer_asset)
+    for key in keys:
+        if crs is not None:
+            break
+        crs = _crs_from_fields(view.assets[key], view.id, f"asset {key!r}")
+    if crs is None:
+        raise NoCRSError(
+            f"item {view.id}: no CRS found; add one of {', '.join(CRS_KEYS)} to the item's "
+            "properties or to its assets"
+        )
+    units = {axis.unit_name for axis in crs.axis_info}
+    if not crs.is_projected or not units <= _METRE_UNITS:
+        raise CRSUnitError(
+            f"item {view.id}: CRS {crs.to_string()!r} has axis units {sorted(units)}, but chips "
+            "need a projected CRS in metres; reproject the scene to a metric CRS (e.g. UTM) first"
+        )
+    return crs
+
+
+def _as_shape(value: Any, item_id: str, where: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in value)
+    except (TypeError, ValueError) as e:
+        raise NoGeoreferenceError(
+            f"item {item_id}: {where} proj:shape={value!r} is not [height, width]; fix it or "
+            "pass an explicit shape"
+        ) from e
+    if height <= 0 or width <= 0:
+        raise NoGeoreferenceError(
+            f"item {item_id}: {where} proj:shape={value!r} is empty; fix it or pass a shape"
+        )
+    return height, width
+
+
+def _as_transform(value: Any, item_id: str, where: str) -> Affine:
+    try:
+        coefficients = [float(v) for v in list(value)[:6]]
+        transform = Affine(*coefficients)
+    except (TypeError, ValueError) as e:
+        raise NoGeoreferenceError(
+            f"item {item_id}: {where} proj:transform={value!r} is not six affine coefficients "
+            "(a, b, c, d, e, f); fix the item"
+        ) from e
+    if transform.is_degenerate:
+        raise NoGeoreferenceError(
+            f"item {item_id}: {where} proj:transform={value!r} is degenerate (zero pixel size)"
+        )
+    return transform
+
+
+def _finest_asset(view: ItemView) -> str | None:
+    """Key of the asset with the smallest pixel (ties: the largest shape), or None."""
+    best: tuple[float, int, str] | None = None
+    for key, fields in view.assets.items():
+        if fields.get("proj:transform") is None:
+            continue
+        transform = _as_transform(fields["proj:transform"], view.id, f"asset {key!r}")
+        shape = fields.get("proj:shape")
+        pixels = _as_shape(shape, view.id, f"asset {key!r}") if shape is not None else (0, 0)
+        rank = (abs(transform.determinant), -pixels[0] * pixels[1], key)
+        if best is None or rank[:2] < best[:2]:
+            best = rank
+    return None if best is None else best[2]
+
+
+def item_georeference(
+    item: Any, *, shape: tuple[int, int] | None = None
+) -> tuple[tuple[int, int], Affine, str | None]:
+    """`(shape, transform, asset key or None)` of the item's finest pixel grid.
+
+    The item's own `proj:shape`/`proj:transform` win (Landsat, NAIP); otherwise the finest
+    asset's (Sentinel-2 carries them only on assets); `shape`, when given, replaces the shape.
+    The asset key (None when everything came from the item) names where the grid came from.
+    """
+    view = item_view(item)
+    props = view.properties
+    transform_value = props.get("proj:transform")
+    shape_value = props.get("proj:shape") if shape is None else shape
+    source: str | None = None
+    if transform_value is None or shape_value is None:
+        source = _finest_asset(view)
+        if source is not None:
+            fields = view.assets[source]
+            if transform_value is None:
+                transform_value = fields["proj:transform"]
+            if shape_value is None:
+                shape_value = fields.get("proj:shape")
+    if transform_value is None or shape_value is None:
+        missing = "proj:transform" if transform_value is None else "proj:shape"
+        raise NoGeoreferenceError(
+            f"item {view.id}: no {missing} on the item or any asset; add proj:shape and "
+            "proj:transform to the item (or pass an explicit shape if only the shape is missing)"
+        )
+    where = "the item" if source is None else f"asset {source!r}"
+    return (
+        _as_shape(shape_value, view.id, where),
+        _as_transform(transform_value, view.id, where),
+        source,
+    )
+
+
+@dataclass(frozen=True)
+class ChipGrid:
+    """The chips of one item: `y_size` rows of `x_size` chips of `chip_size` pixels.
+
+    `transform` and `shape` describe the finest pixel grid; chip `(x, y)` covers its pixels
+    `[y*cs, (y+1)*cs) x [x*cs, (x+1)*cs)`. Arrays returned here are in row-major chip order
+    (by y, then x), the order the index and the database use.
+    """
+
+    item_id: str
+    crs: pyproj.CRS
+    transform: Affine
+    shape: tuple[int, int]
+    chip_size: int
+
+    @property
+    def x_size(self) -> int:
+        """Number of whole chips along a row."""
+        return self.shape[1] // self.chip_size
+
+    @property
+    def y_size(self) -> int:
+        """Number of whole chip rows."""
+        return self.shape[0] // self.chip_size
+
+    @property
+    def size(self) -> int:
+        """Number of chips."""
+        return self.x_size * self.y_size
+
+    def indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(chip_index_x, chip_index_y)` as int32 arrays, ordered by y then x."""
+        ys, xs = np.divmod(np.arange(self.size, dtype=np.int32), np.int32(self.x_size))
+        return xs, ys
+
+    @cached_property
+    def _corners_lonlat(self) -> np.ndarray:
+        """Lon/lat of the chip-corner lattice, shape `(y_size + 1, x_size + 1, 2)`."""
+        cols = np.arange(self.x_size + 1, dtype=np.float64) * self.chip_size
+        rows = np.arange(self.y_size + 1, dtype=np.float64) * self.chip_size
+        cc, rr = np.meshgrid(cols, rows)
+        t = self.transform
+        xs = t.a * cc + t.b * rr + t.c
+        ys = t.d * cc + t.e * rr + t.f
+        to_wgs84 = pyproj.Transformer.from_crs(self.crs, _WGS84, always_xy=True)
+        lon, lat = to_wgs84.transform(xs.ravel(), ys.ravel(), errcheck=False)
+        lonlat = np.stack([lon, lat], axis=-1).reshape(*cc.shape, 2)
+        if not np.isfinite(lonlat).all():
+            raise GridError(
+                f"item {self.item_id}: some chip corners cannot be reprojected from "
+                f"{self.crs.to_string()!r} to EPSG:4326; check the item's CRS and transform"
+            )
+        return lonlat
+
+    def footprints(self, chips: np.ndarray | None = None) -> np.ndarray:
+        """Chip footprints as shapely Polygons in EPSG:4326, ordered by y then x.
+
+        `chips` selects chips by their position in that order (`y * x_size + x`), so callers
+        that drop chips do not pay for their polygons. Rings follow `shapely.box`: bottom-right,
+        top-right, top-left, bottom-left (for a north-up grid), oriented counter-clockwise
+        whatever the grid's handedness.
+        """
+        ll = self._corners_lonlat
+        # Corner lattice index (row, col) offsets of each ring vertex relative to the chip's
+        # top-left corner: BR, TR, TL, BL, BR (closed ring).
+        drow = np.array([1, 0, 0, 1, 1])
+        dcol = np.array([1, 1, 0, 0, 1])
+        chips = np.arange(self.size) if chips is None else np.asarray(chips)
+        ys, xs = np.divmod(chips, self.x_size)
+        ring = ll[ys[:, None] + drow, xs[:, None] + dcol]  # (size, 5, 2)
+        # Shoelace sign per ring; reverse the clockwise ones (a south-up or mirrored grid).
+        x, y = ring[:, :-1, 0], ring[:, :-1, 1]
+        twice_area = (x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y).sum(axis=1)
+        ring[twice_area < 0] = ring[twice_area < 0, ::-1]
+        return shapely.polygons(ring)
+
+    def footprints_wkb(self, chips: np.ndarray | None = None) -> np.ndarray:
+        """Chip footprints as WKB bytes (object array); `chips` as in `footprints`."""
+        return shapely.to_wkb(self.footprints(chips))
+
+    def alignment(self, transform: Affine, *, asset: str = "asset") -> tuple[int, int, int, int]:
+        """`(fx, fy, col0, row0)` of another pixel grid relative to this one.
+
+        That grid's pixels are `fx x fy` pixels of this grid and its pixel (0, 0) starts at
+        this grid's pixel `(col0, row0)`. Raises AssetGridError unless the factors are positive
+        integers, the grid is not rotated relative to this one and its origin falls on a pixel
+        corner of this grid: only then does each chip map to a fixed block of its pixels.
+        """
+        rel = ~self.transform * transform  # asset pixel -> finest-grid pixel
+        values = np.array([rel.a, rel.e, rel.c, rel.f])
+        rounded = np.round(values)
+        if (
+            abs(rel.b) > _PIXEL_TOL
+            or abs(rel.d) > _PIXEL_TOL
+            or np.any(np.abs(values - rounded) > _PIXEL_TOL * np.maximum(1.0, np.abs(values)))
+            or rounded[0] < 1
+            or rounded[1] < 1
+        ):
+            raise AssetGridError(
+                f"item {self.item_id}: {asset} grid {tuple(transform)[:6]} is not the item's "
+                f"finest grid {tuple(self.transform)[:6]} coarsened by an integer factor with an "
+                "aligned origin; resample the asset onto the item's grid (or an integer multiple)"
+            )
+        fx, fy, col0, row0 = (int(v) for v in rounded)
+        return fx, fy, col0, row0
+
+    def window(
+        self, x: int, y: int, transform: Affine | None = None, *, asset: str = "asset"
+    ) -> Window:
+        """rasterio Window of chip `(x, y)` in a grid `transform` (default: the finest grid).
+
+        For a coarser asset (20 m beside 10 m) the window is scaled by the integer factor; its
+        offsets and size are fractional when the factor does not divide the chip size.
+        """
+        if not (0 <= x < self.x_size and 0 <= y < self.y_size):
+            raise ChipSizeError(
+                f"item {self.item_id}: chip ({x}, {y}) is outside the {self.x_size} x "
+                f"{self.y_size} chip grid"
+            )
+        return self._window(x * self.chip_size, y * self.chip_size, 1, 1, transform, asset)
+
+    def grid_window(self, transform: Affine | None = None, *, asset: str = "asset") -> Window:
+        """rasterio Window covering all chips (not the unchipped margin) in a grid `transform`."""
+        return self._window(0, 0, self.x_size, self.y_size, transform, asset)
+
+    def _window(
+        self, col: int, row: int, nx: int, ny: int, transform: Affine | None, asset: str
+    ) -> Window:
+        fx, fy, col0, row0 = (
+            (1, 1, 0, 0) if transform is None else self.alignment(transform, asset=asset)
+        )
+        cs = self.chip_size
+
+        def scaled(value: int, factor: int) -> int | float:
+            return value // factor if value % factor == 0 else value / factor
+
+        return Window(
+            scaled(col - col0, fx),
+            scaled(row - row0, fy),
+            scaled(nx * cs, fx),
+            scaled(ny * cs, fy),
+        )
+
+
+def chip_grid(
+    item: Any, *, chip_size: int = CHIP_SIZE, shape: tuple[int, int] | None = None
+) -> ChipGrid:
+    """The chip grid of a STAC item (pystac Item or dict).
+
+    Raises a GridError subclass, naming the item, when there is no CRS, the CRS is not metric,
+    shape or transform are missing, or the chip size does not fit the scene.
+    """
+    view = item_view(item)
+    if isinstance(chip_size, bool) or not isinstance(chip_size, int | np.integer) or chip_size < 1:
+        raise ChipSizeError(
+            f"item {view.id}: chip size {chip_size!r} is not a positive whole number of pixels"
+        )
+    grid_shape, transform, source = item_georeference(view, shape=shape)
+    crs = item_crs(view, prefer_asset=source)
+    height, width = grid_shape
+    if chip_size > height or chip_size > width:
+        raise ChipSizeError(
+            f"item {view.id}: chip size {chip_size} px is larger than the scene ({height} x "
+            f"{width} px); pass a chip size of at most {min(height, width)}"
+        )
+    return ChipGrid(
+        item_id=view.id, crs=crs, transform=transform, shape=grid_shape, chip_size=int(chip_size)
+    )
+
+
+def asset_transform(item: Any, key: str) -> Affine:
+    """The pixel grid of asset `key`: its own `proj:transform`, else the item's.
+
+    Lets callers compute windows from metadata alone (without opening the file).
+    """
+    view = item_view(item)
+    if key not in view.assets:
+        raise GridError(
+            f"item {view.id}: no asset {key!r}; it has {', '.join(sorted(view.assets))}"
+        )
+    value = view.assets[key].get("proj:transform", view.properties.get("proj:transform"))
+    if value is None:
+        raise NoGeoreferenceError(
+            f"item {view.id}: neither asset {key!r} nor the item has proj:transform; add it"
+        )
+    return _as_transform(value, view.id, f"asset {key!r}")

@@ -1,0 +1,90 @@
+"""One STAC item -> its chip rows (grid position, footprint, cloud and nodata fractions).
+
+Pure: no database, no network beyond reading the quality band. The `db` layer adds collection,
+item id, chip size and datetime and writes the rows; keeping this step free of SQL lets tests,
+benchmarks and the processors use it alone.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from stacchip_db.errors import StacchipError
+from stacchip_db.grid import CHIP_SIZE, chip_grid, item_view
+from stacchip_db.quality import QualityRule, chip_fractions
+
+CHIP_SCHEMA = pa.schema(
+    [
+        pa.field("chip_index_x", pa.int32(), nullable=False),
+        pa.field("chip_index_y", pa.int32(), nullable=False),
+        pa.field("cloud_fraction", pa.float32(), nullable=False),
+        pa.field("nodata_fraction", pa.float32(), nullable=False),
+        pa.field(
+            "geometry",
+            pa.binary(),
+            nullable=False,
+            metadata={b"encoding": b"WKB", b"crs": b"EPSG:4326"},
+        ),
+    ]
+)
+"""Columns of `index_item`'s table: fractions are 0..1, geometry is a WKB Polygon in EPSG:4326."""
+
+MAX_NODATA = 0.5
+"""Default: chips with more than half their pixels without data are not indexed."""
+
+
+def index_item(
+    item: Any,
+    *,
+    quality: str | QualityRule = "auto",
+    chip_size: int = CHIP_SIZE,
+    max_nodata: float = MAX_NODATA,
+    shape: tuple[int, int] | None = None,
+) -> pa.Table:
+    """The chips of a STAC item (pystac Item or dict) as a `CHIP_SCHEMA` table.
+
+    Chips with `nodata_fraction > max_nodata` are dropped (as in the original stacchip);
+    rows are ordered by `chip_index_y`, then `chip_index_x`. `quality` is a rule name
+    (`auto`, `s2`, `landsat`, `modis`, `none`, or one registered with
+    `stacchip_db.quality.register_rule`) or a `QualityRule`.
+    """
+    if not 0.0 <= max_nodata <= 1.0:
+        raise StacchipError(f"max_nodata {max_nodata!r} is not a fraction between 0 and 1")
+    grid = chip_grid(item, chip_size=chip_size, shape=shape)
+    cloud, nodata = (a.ravel() for a in chip_fractions(grid, item, quality))
+    keep = np.flatnonzero(nodata <= np.float32(max_nodata))
+    xs, ys = grid.indices()
+    footprints = grid.footprints_wkb(keep)  # only for kept chips: the largest column
+    return pa.Table.from_arrays(
+        [
+            pa.array(xs[keep], pa.int32()),
+            pa.array(ys[keep], pa.int32()),
+            pa.array(cloud[keep], pa.float32()),
+            pa.array(nodata[keep], pa.float32()),
+            pa.array(footprints, pa.binary()),
+        ],
+        schema=CHIP_SCHEMA,
+    )
+
+
+def item_datetime(item: Any) -> datetime:
+    """The instant a chip is dated by: the item's `datetime`, else its `start_datetime`.
+
+    STAC allows `datetime: null` for composites (MODIS), which then carry a range.
+    """
+    view = item_view(item)
+    value = view.properties.get("datetime") or view.properties.get("start_datetime")
+    if value is None:
+        raise StacchipError(
+            f"item {view.id}: neither datetime nor start_datetime is set; add one to the item"
+        )
+    if isinstance(value, datetime):
+        return value
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError as e:
+        raise StacchipError(f"item {view.id}: datetime {value!r} is not ISO 8601") from e

@@ -1,0 +1,248 @@
+"""Per-chip cloud and nodata fractions from a scene's quality band.
+
+A rule says which asset holds the quality band and how its values map to per-pixel codes
+(bit 0: cloud, bit 1: nodata). `chip_fractions` reads that band once, at its own resolution and
+only over the chipped part of the scene, turns it into codes with a lookup table and sums the
+codes per chip with reshape + sum: no per-chip Python loop, no per-chip file access, and no
+upsampling of a 20 m band to the 10 m grid (the fractions are those of a nearest-neighbour
+upsampling, at a quarter of the memory).
+
+| rule | asset | nodata | cloud |
+| --- | --- | --- | --- |
+| `s2` | `scl` | class 0 | classes 1, 3, 8, 9, 10 |
+| `landsat` | `qa_pixel` | bit 0 | bits 1, 3, 4 (dilated cloud, cloud, shadow) |
+| `modis` | `sur_refl_qc_500m` | bits 0 and 1 set | bit 0 set, bit 1 clear |
+| `nodata_value_rule(asset, v)` | any | band 1 == v | never |
+| `none` | - | never | never |
+
+The MODIS row follows the original stacchip's code (bits 0-1 == 0b01); see `MODIS_RULE`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+
+from stacchip_db.errors import StacchipError
+from stacchip_db.grid import ChipGrid, item_view
+
+CLOUD = np.uint8(1)
+"""Code bit of a cloudy pixel."""
+NODATA = np.uint8(2)
+"""Code bit of a pixel without data."""
+
+
+class QualityError(StacchipError):
+    """The quality band is missing, unreadable or does not fit the chip grid."""
+
+
+@dataclass(frozen=True)
+class QualityRule:
+    """How to get per-pixel cloud/nodata codes for one kind of scene.
+
+    `asset` is the key of the quality asset (None: no band, every fraction is 0); `classify`
+    maps a 2D array of that band to uint8 codes of the same shape (bit 0 cloud, bit 1 nodata).
+    """
+
+    name: str
+    asset: str | None
+    classify: Callable[[np.ndarray], np.ndarray] | None
+
+
+def lookup_classifier(lut: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Classifier mapping integer pixel values through `lut` (length a power of two).
+
+    Values are masked with `len(lut) - 1` first, so a 32-entry table looks at bits 0-4 only.
+    One `np.take` per pixel is several times faster than `np.isin` or a chain of bit tests.
+    """
+    lut = np.ascontiguousarray(lut, dtype=np.uint8)
+    size = len(lut)
+    if size < 2 or size & (size - 1):
+        raise ValueError(f"lookup table length {size} is not a power of two >= 2")
+    mask = size - 1
+
+    def classify(values: np.ndarray) -> np.ndarray:
+        if values.dtype.kind not in "ui":
+            raise QualityError(
+                f"quality band has data type {values.dtype}, expected integers; check the asset"
+            )
+        if values.dtype == np.uint8 and size == 256:
+            return np.take(lut, values)
+        return np.take(lut, values & values.dtype.type(mask))
+
+    return classify
+
+
+def class_rule(name: str, asset: str, *, nodata: set[int], cloud: set[int]) -> QualityRule:
+    """Rule for a classification band (values 0..255): listed classes are nodata or cloud."""
+    lut = np.zeros(256, dtype=np.uint8)
+    lut[sorted(cloud)] |= CLOUD
+    lut[sorted(nodata)] |= NODATA
+    return QualityRule(name, asset, lookup_classifier(lut))
+
+
+def bits_rule(name: str, asset: str, *, bits: int, code: Callable[[int], int]) -> QualityRule:
+    """Rule for a bit-flag band: `code(v)` gives the code of the low `bits` bits' value `v`."""
+    lut = np.array([code(v) for v in range(1 << bits)], dtype=np.uint8)
+    return QualityRule(name, asset, lookup_classifier(lut))
+
+
+def nodata_value_rule(asset: str, value: float, *, name: str = "nodata") -> QualityRule:
+    """Rule for scenes without a cloud band (LINZ, Sentinel-1): nodata where band 1 == value.
+
+    A NaN `value` matches NaN pixels. Never reports clouds.
+    """
+
+    def classify(values: np.ndarray) -> np.ndarray:
+        hit = np.isnan(values) if math.isnan(value) else values == value
+        return hit.view(np.uint8) * NODATA
+
+    return QualityRule(name, asset, classify)
+
+
+S2_RULE = class_rule("s2", "scl", nodata={0}, cloud={1, 3, 8, 9, 10})
+"""Sentinel-2 L2A scene classification: 0 no data; 1 saturated/defective, 3 cloud shadow,
+8/9 cloud medium/high probability, 10 thin cirrus."""
+
+LANDSAT_RULE = bits_rule(
+    "landsat",
+    "qa_pixel",
+    bits=5,
+    code=lambda v: (NODATA if v & 0b1 else 0) | (CLOUD if v & 0b11010 else 0),
+)
+"""Landsat Collection 2 QA_PIXEL: bit 0 fill; bits 1, 3, 4 dilated cloud, cloud, cloud shadow."""
+
+MODIS_RULE = bits_rule(
+    "modis",
+    "sur_refl_qc_500m",
+    bits=2,
+    code=lambda v: {0b11: NODATA, 0b01: CLOUD}.get(v, 0),
+)
+"""MODIS MOD09A1 500 m QC, MODLAND bits 0-1, as the original stacchip reads them: 0b11 nodata,
+0b01 cloud. (The MOD09 user guide calls 0b10 "not produced due to cloud" and 0b01 "less than
+ideal quality"; this rule keeps the original's reading so that indexes agree.)"""
+
+NONE_RULE = QualityRule("none", None, None)
+"""No quality band (NAIP): every chip is cloud- and nodata-free."""
+
+RULES: dict[str, QualityRule] = {}
+"""Named rules usable as `quality=` in `index_item` and on the command line."""
+
+AUTO_ORDER = ("s2", "landsat", "modis")
+"""Rules `auto` tries, in order: the first whose asset the item has wins, else `none`."""
+
+
+def register_rule(rule: QualityRule) -> QualityRule:
+    """Add (or replace) a named rule, e.g. a processor's `nodata_value_rule`."""
+    RULES[rule.name] = rule
+    return rule
+
+
+for _rule in (S2_RULE, LANDSAT_RULE, MODIS_RULE, NONE_RULE):
+    register_rule(_rule)
+
+
+def resolve_rule(quality: str | QualityRule, item: Any) -> QualityRule:
+    """The rule object for `quality`: a rule, a registered name, or `auto` (from the assets)."""
+    if isinstance(quality, QualityRule):
+        return quality
+    if quality == "auto":
+        assets = item_view(item).assets
+        for name in AUTO_ORDER:
+            if RULES[name].asset in assets:
+                return RULES[name]
+        return NONE_RULE
+    if quality not in RULES:
+        raise QualityError(
+            f"unknown quality rule {quality!r}; use auto or one of {', '.join(sorted(RULES))}"
+        )
+    return RULES[quality]
+
+
+def _per_chip_sum(bits01: np.ndarray, ny: int, nx: int, cy: int, cx: int) -> np.ndarray:
+    """Sum a 0/1 array of shape `(ny*cy, nx*cx)` over each `cy x cx` block -> `(ny, nx)`."""
+    # Rows first (vertical adds over contiguous rows vectorise well), then columns.
+    columns = bits01.reshape(ny, cy, nx * cx).sum(axis=1, dtype=np.uint32)
+    return columns.reshape(ny, nx, cx).sum(axis=2, dtype=np.uint64)
+
+
+def codes_fractions(codes: np.ndarray, ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-chip `(cloud_fraction, nodata_fraction)`, float32 `(ny, nx)`, from a code array.
+
+    `codes` covers exactly `ny x nx` chips; its block size is inferred from its shape.
+    """
+    cy, cx = codes.shape[0] // ny, codes.shape[1] // nx
+    if (cy * ny, cx * nx) != codes.shape:
+        raise ValueError(f"codes of shape {codes.shape} do not split into {ny} x {nx} chips")
+    pixels = float(cy * cx)
+    cloud = _per_chip_sum(codes & CLOUD, ny, nx, cy, cx) / pixels
+    nodata = _per_chip_sum(codes >> 1, ny, nx, cy, cx) / pixels
+    return cloud.astype(np.float32), nodata.astype(np.float32)
+
+
+def read_quality_band(grid: ChipGrid, href: str, *, asset: str = "quality") -> np.ndarray:
+    """Band 1 of `href` over the chipped area, at its own resolution when possible.
+
+    When the band's grid is the item's grid coarsened by integer factors that divide the chip
+    size, the array has `chip_size / factor` pixels per chip; otherwise it is resampled
+    (nearest) onto the finest grid, as the original stacchip always did. Windows reaching past
+    the file's edge are filled with the file's nodata value (or 0).
+    """
+    where = f"asset {asset!r} ({href})"
+    try:
+        with rasterio.open(href) as src:
+            window = grid.grid_window(src.transform, asset=where)
+            native = all(
+                float(v).is_integer()
+                for v in (window.col_off, window.row_off, window.width, window.height)
+            )
+            inside = (
+                window.col_off >= 0
+                and window.row_off >= 0
+                and window.col_off + window.width <= src.width
+                and window.row_off + window.height <= src.height
+            )
+            fill = src.nodata if src.nodata is not None else 0
+            if native:
+                return src.read(1, window=window, boundless=not inside, fill_value=fill)
+            out_shape = (grid.y_size * grid.chip_size, grid.x_size * grid.chip_size)
+            return src.read(
+                1,
+                window=window,
+                out_shape=out_shape,
+                resampling=Resampling.nearest,
+                boundless=not inside,
+                fill_value=fill,
+            )
+    except RasterioError as e:
+        raise QualityError(f"item {grid.item_id}: cannot read {where}: {e}") from e
+
+
+def chip_fractions(
+    grid: ChipGrid, item: Any, quality: str | QualityRule = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-chip `(cloud_fraction, nodata_fraction)`, float32 arrays of shape `(y_size, x_size)`.
+
+    Reads the rule's asset (href as given: local path, /vsicurl/, s3://, https://) once.
+    """
+    rule = resolve_rule(quality, item)
+    if rule.asset is None or rule.classify is None:
+        zeros = np.zeros((grid.y_size, grid.x_size), dtype=np.float32)
+        return zeros, zeros.copy()
+    view = item_view(item)
+    if rule.asset not in view.assets:
+        raise QualityError(
+            f"item {view.id}: quality rule {rule.name!r} needs asset {rule.asset!r}, which the "
+            f"item does not have (assets: {', '.join(sorted(view.assets))}); pick another rule"
+        )
+    band = read_quality_band(grid, view.assets[rule.asset]["href"], asset=rule.asset)
+    codes = rule.classify(band)
+    del band
+    return codes_fractions(codes, grid.y_size, grid.x_size)

@@ -1,0 +1,247 @@
+"""Small, deterministic COGs standing in for a real STAC item's assets.
+
+Tests, the demo, the benchmarks and the local STAC-API test server need items whose assets can
+be read offline. `synthesize_item` takes a real item (a dict, e.g. a fixture from Earth Search),
+writes a COG for each chosen asset on the asset's own CRS and grid (optionally coarsened by an
+integer `scale`), and returns a copy of the item whose hrefs point at those files and whose
+`proj:shape`/`proj:transform` (item and every asset) describe the coarsened grid. Everything
+else (CRS, ids, datetimes, other assets' remote hrefs) stays as in the original item.
+
+Pixel patterns are fixed shapes in scene-relative coordinates (so they look alike at every
+scale), chosen to exercise the quality rules:
+
+- `scl` (Sentinel-2): vegetation (4) with a water band (6); a cloud blob (9 core, 8 rim), cloud
+  shadow (3) beside it, a cirrus (10) strip; a nodata (0) wedge along the left edge, widest at
+  the bottom, where whole chips are empty.
+- `qa_pixel` (Landsat): the same shapes as real QA_PIXEL values: clear 21824, cloud 22280,
+  dilated cloud 21826, shadow 23888, fill 1.
+- `sur_refl_qc_500m` (MODIS): 0 clear, 0b01 under the blob (the `modis` rule's cloud), 0b11 in
+  the wedge.
+- any other asset: reflectance-like gradients plus seeded noise, one band per `eo:bands` entry,
+  in the asset's `raster:bands` data type (default uint16).
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+
+from stacchip_db.grid import item_crs, item_view
+
+LANDSAT_CLEAR, LANDSAT_CLOUD, LANDSAT_DILATED, LANDSAT_SHADOW, LANDSAT_FILL = (
+    21824,
+    22280,
+    21826,
+    23888,
+    1,
+)
+"""QA_PIXEL values of a clear land pixel, high-confidence cloud, dilated cloud, shadow, fill."""
+
+
+def scene_masks(shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Boolean masks of the synthetic scene's features on a `(height, width)` grid.
+
+    Keys: `nodata` (left wedge), `cloud` (blob core), `cloud_rim`, `shadow`, `cirrus`, `water`.
+    Features are defined on pixel centres in [0, 1] scene coordinates; `nodata` wins over all
+    others, and the cloud features win over `water`.
+    """
+    height, width = shape
+    v = ((np.arange(height, dtype=np.float64) + 0.5) / height)[:, None]
+    u = ((np.arange(width, dtype=np.float64) + 0.5) / width)[None, :]
+    r2 = (u - 0.6) ** 2 + (v - 0.35) ** 2
+    masks = {
+        "nodata": u < 0.45 * v,
+        "cloud": r2 < 0.12**2,
+        "cloud_rim": (r2 >= 0.12**2) & (r2 < 0.18**2),
+        "shadow": (u - 0.75) ** 2 + (v - 0.6) ** 2 < 0.08**2,
+        "cirrus": (v > 0.8) & (v < 0.85) & (u > 0.5),
+        "water": (u > 0.85) & (v > 0.1),
+    }
+    masks = {k: np.broadcast_to(m, shape) for k, m in masks.items()}
+    for key in ("cloud", "cloud_rim", "shadow", "cirrus", "water"):
+        masks[key] = masks[key] & ~masks["nodata"]
+    return masks
+
+
+def _paint(
+    shape: tuple[int, int], dtype: str, base: int, layers: Iterable[tuple[str, int]]
+) -> np.ndarray:
+    """An array of `base` with each `(mask name, value)` painted on in order."""
+    masks = scene_masks(shape)
+    out = np.full(shape, base, dtype=dtype)
+    for name, value in layers:
+        out[masks[name]] = value
+    return out
+
+
+def scl_pattern(shape: tuple[int, int], rng: np.random.Generator | None = None) -> np.ndarray:
+    """Sentinel-2 SCL classes (uint8) for the synthetic scene."""
+    return _paint(
+        shape,
+        "uint8",
+        4,
+        [
+            ("water", 6),
+            ("cirrus", 10),
+            ("shadow", 3),
+            ("cloud_rim", 8),
+            ("cloud", 9),
+            ("nodata", 0),
+        ],
+    )
+
+
+def qa_pixel_pattern(shape: tuple[int, int], rng: np.random.Generator | None = None) -> np.ndarray:
+    """Landsat Collection 2 QA_PIXEL bit flags (uint16) for the synthetic scene."""
+    return _paint(
+        shape,
+        "uint16",
+        LANDSAT_CLEAR,
+        [
+            ("shadow", LANDSAT_SHADOW),
+            ("cloud_rim", LANDSAT_DILATED),
+            ("cloud", LANDSAT_CLOUD),
+            ("nodata", LANDSAT_FILL),
+        ],
+    )
+
+
+def modis_qc_pattern(shape: tuple[int, int], rng: np.random.Generator | None = None) -> np.ndarray:
+    """MODIS 500 m QC (uint32): MODLAND bits 0b01 under the cloud blob, 0b11 in the wedge."""
+    return _paint(shape, "uint32", 0, [("cloud", 0b01), ("cloud_rim", 0b01), ("nodata", 0b11)])
+
+
+PATTERNS: dict[str, Callable[[tuple[int, int], np.random.Generator | None], np.ndarray]] = {
+    "scl": scl_pattern,
+    "qa_pixel": qa_pixel_pattern,
+    "sur_refl_qc_500m": modis_qc_pattern,
+}
+"""Quality-band patterns by asset key; other assets get `reflectance_pattern`."""
+
+
+def reflectance_pattern(
+    shape: tuple[int, int], rng: np.random.Generator, *, count: int = 1, dtype: str = "uint16"
+) -> np.ndarray:
+    """`(count, height, width)` smooth gradients plus seeded noise, zero in the nodata wedge."""
+    height, width = shape
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "ui" else None
+    top = 10000.0 if info is None or info.max > 10000 else float(info.max)
+    v = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
+    u = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
+    out = np.empty((count, height, width), dtype=dtype)
+    nodata = scene_masks(shape)["nodata"]
+    for band in range(count):
+        level = top * (0.1 + 0.3 * u + 0.2 * v + 0.05 * band)
+        noise = rng.normal(0.0, 0.02 * top, size=shape).astype(np.float32)
+        out[band] = np.clip(level + noise, 1, top)
+        out[band][nodata] = 0
+    return out
+
+
+def write_cog(
+    path: str | Path,
+    data: np.ndarray,
+    *,
+    crs: Any,
+    transform: Affine,
+    nodata: float | None = None,
+    categorical: bool = True,
+) -> Path:
+    """Write a 2D or `(bands, h, w)` array as a deflate-compressed, tiled COG with overviews.
+
+    `categorical` picks nearest-neighbour overviews (class and bit bands) over averaging.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = data[None] if data.ndim == 2 else data
+    profile = {
+        "driver": "COG",
+        "width": array.shape[2],
+        "height": array.shape[1],
+        "count": array.shape[0],
+        "dtype": array.dtype.name,
+        "crs": crs,
+        "transform": transform,
+        "nodata": nodata,
+        "compress": "DEFLATE",
+        "blocksize": 512,
+        "overview_resampling": "nearest" if categorical else "average",
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(array)
+    return path
+
+
+def _scaled(transform: list[float], scale: int) -> list[float]:
+    a, b, c, d, e, f = (float(v) for v in transform[:6])
+    return [a * scale, b * scale, c, d * scale, e * scale, f]
+
+
+def _reshaped(shape: list[int], scale: int) -> list[int]:
+    return [max(1, int(shape[0]) // scale), max(1, int(shape[1]) // scale)]
+
+
+def synthesize_item(
+    item: Mapping[str, Any],
+    out_dir: str | Path,
+    assets: Iterable[str],
+    *,
+    scale: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write COGs for `assets` of `item` into `out_dir`; return the rewritten item dict.
+
+    `scale` (a positive integer) divides every grid's shape and multiplies its pixel size, so
+    a 10980 x 10980 Sentinel-2 scene becomes 1098 x 1098 at `scale=10` on the same footprint
+    and the 20 m / 10 m ratio survives. Files are named `{item id}_{asset}.tif`; the same
+    `seed` gives the same pixels. Other assets keep their hrefs but get scaled metadata, so the
+    item's grid stays consistent.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale {scale!r} is not a positive integer")
+    out = copy.deepcopy(dict(item))
+    props = out.setdefault("properties", {})
+    for fields in [props, *out.get("assets", {}).values()]:
+        if "proj:transform" in fields:
+            fields["proj:transform"] = _scaled(fields["proj:transform"], scale)
+        if "proj:shape" in fields:
+            fields["proj:shape"] = _reshaped(fields["proj:shape"], scale)
+    view = item_view(out)
+    out_dir = Path(out_dir)
+    for key in assets:
+        if key not in view.assets:
+            raise KeyError(f"item {view.id} has no asset {key!r}")
+        fields = out["assets"][key]
+        shape = fields.get("proj:shape", props.get("proj:shape"))
+        transform = fields.get("proj:transform", props.get("proj:transform"))
+        if shape is None or transform is None:
+            raise ValueError(f"item {view.id}: asset {key!r} has no proj:shape/proj:transform")
+        grid_shape = (int(shape[0]), int(shape[1]))
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+        raster_bands = fields.get("raster:bands") or [{}]
+        nodata = raster_bands[0].get("nodata")
+        if key in PATTERNS:
+            data = PATTERNS[key](grid_shape, rng)
+            categorical = True
+        else:
+            count = len(fields.get("eo:bands") or raster_bands)
+            dtype = raster_bands[0].get("data_type", "uint16")
+            data = reflectance_pattern(grid_shape, rng, count=count, dtype=dtype)
+            categorical = False
+        path = write_cog(
+            out_dir / f"{view.id}_{key}.tif",
+            data,
+            crs=item_crs(view, prefer_asset=key).to_wkt(),
+            transform=Affine(*transform[:6]),
+            nodata=nodata,
+            categorical=categorical,
+        )
+        fields["href"] = str(path.resolve())
+    return out
