@@ -159,7 +159,12 @@ def _migrate_pgstac(url: str) -> str:
     try:
         return Migrate(pgdb).run_migration()
     finally:
-        pgdb.close()
+        # disconnect() hands the connection back and forgets the pool without closing it;
+        # close the pool ourselves so no session lingers (CREATE DATABASE … TEMPLATE needs that).
+        pool = pgdb.pool
+        pgdb.disconnect()
+        if pool is not None:
+            pool.close()
 
 
 def _migrate_stacchip(conn: psycopg.Connection, url: str) -> None:

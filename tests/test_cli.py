@@ -1,0 +1,68 @@
+"""The CLI's error boundary, exit codes and password masking."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from stacchip_db.config import MaskPasswordsFilter, mask_url
+from tests.conftest import error_line, run_cli
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_mask_url_forms() -> None:
+    assert mask_url("postgresql://alice:s3cr%40t@db:5432/x") == "postgresql://alice:***@db:5432/x"
+    assert mask_url("host=db password=s3cret user=a") == "host=db password=*** user=a"
+    assert mask_url("host=db password='a b' user=a") == "host=db password=*** user=a"
+    assert mask_url("postgresql://db/x?user=a&password=s3cret") == (
+        "postgresql://db/x?user=a&password=***"
+    )
+    assert mask_url("postgresql://alice@db/x") == "postgresql://alice@db/x"
+
+
+def test_log_records_are_masked() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "using %s", ("postgresql://a:pw@h/d",),
+                               None)
+    MaskPasswordsFilter().filter(record)
+    assert record.getMessage() == "using postgresql://a:***@h/d"
+
+
+def test_unreachable_database_is_one_line_with_masked_password() -> None:
+    url = f"postgresql://alice:hunter2@127.0.0.1:{_closed_port()}/stacchip"
+    result = run_cli(["db", "doctor"], database_url=url)
+    error = error_line(result)
+    assert "cannot connect to the database at postgresql://alice:***@127.0.0.1" in error
+    assert "hunter2" not in result.output
+
+
+def test_verbose_shows_the_traceback() -> None:
+    url = f"postgresql://alice:hunter2@127.0.0.1:{_closed_port()}/stacchip"
+    result = run_cli(["-v", "db", "doctor"], database_url=url)
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr
+    assert "hunter2" not in result.stderr.split("Traceback")[0]
+
+
+def test_malformed_url_is_one_line() -> None:
+    error = error_line(run_cli(["db", "doctor"], database_url="postgresql://a:b@host:notaport/x"))
+    assert "database" in error
+    assert ":b@" not in error
+
+
+def test_usage_error_exits_2() -> None:
+    result = run_cli(["db", "no-such-command"])
+    assert result.exit_code == 2
+    assert "No such command" in result.stderr
+
+
+def test_version_and_help() -> None:
+    version = run_cli(["--version"])
+    assert version.exit_code == 0 and "stacchip-db" in version.stdout
+    help_text = run_cli(["db", "--help"])
+    for command in ("start", "stop", "status", "url", "init", "doctor"):
+        assert command in help_text.stdout

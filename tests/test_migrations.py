@@ -1,0 +1,142 @@
+"""`db init` on an empty database, twice, concurrently; and the schema gate."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import click
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from stacchip_db.cli.options import CliContext, with_database
+from stacchip_db.config import Settings
+from stacchip_db.db import check_schema, init_database, read_schema_state
+from stacchip_db.db.migrate import alembic_head
+from stacchip_db.errors import SchemaBehind
+from tests.conftest import run_cli
+
+SNAPSHOT_SQL = """
+SELECT json_build_object(
+  'relations', (SELECT json_agg(n.nspname || '.' || c.relname || ':' || c.relkind::text
+                                ORDER BY n.nspname, c.relname)
+                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname IN ('stacchip', 'pgstac')),
+  'functions', (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                WHERE n.nspname IN ('stacchip', 'pgstac')),
+  'constraints', (SELECT json_agg(conname ORDER BY conname) FROM pg_constraint
+                  WHERE conrelid = 'stacchip.chips'::regclass),
+  'queryables', (SELECT json_agg(name || ':' || coalesce(property_wrapper, '') ORDER BY name)
+                 FROM pgstac.queryables),
+  'extensions', (SELECT json_agg(extname ORDER BY extname) FROM pg_extension)
+)
+"""
+
+
+def _snapshot(url: str) -> dict:
+    with psycopg.connect(url) as conn:
+        return conn.execute(SNAPSHOT_SQL).fetchone()[0]
+
+
+def test_init_empty_database_twice_is_idempotent(empty_database_url: str) -> None:
+    state = init_database(empty_database_url)
+    assert state.current, state.problems
+    assert state.alembic_revision == alembic_head()
+    first = _snapshot(empty_database_url)
+    for table in ("pgstac.items:p", "pgstac.collections:r", "stacchip.chips:r"):
+        assert table in first["relations"]
+    assert {"postgis", "btree_gist"} <= set(first["extensions"])
+    assert "eo:cloud_cover:to_float" in first["queryables"]
+
+    again = init_database(empty_database_url)
+    assert again.current
+    assert _snapshot(empty_database_url) == first
+
+
+def test_pgstac_search_works_after_init(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        result = conn.execute("SELECT pgstac.search('{}')").fetchone()[0]
+    assert result["type"] == "FeatureCollection"
+    assert result["features"] == []
+
+
+def test_chips_table_enforces_contract(database_url: str) -> None:
+    insert = (
+        "INSERT INTO stacchip.chips VALUES ('c', 'i', 256, 0, 0, now(), %s, %s, "
+        "ST_GeomFromText('POLYGON((0 0,1 0,1 1,0 1,0 0))', 4326))"
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(insert, (0.5, 0.1))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(insert, (0.2, 0.1))
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(insert.replace("0, 0, now()", "1, 0, now()"), (1.5, 0.0))
+        index = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'chips_geometry_idx'"
+        ).fetchone()[0]
+        chip_id = conn.execute("SELECT stacchip.chip_id('item', 3, 4)").fetchone()[0]
+    assert "USING gist" in index
+    assert chip_id == "item-3-4"
+
+
+def test_concurrent_init_on_empty_database(empty_database_url: str) -> None:
+    with ThreadPoolExecutor(3) as pool:
+        states = list(pool.map(init_database, [empty_database_url] * 3))
+    assert all(state.current for state in states)
+
+
+def test_schema_gate_names_the_fix(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        check_schema(conn, database_url)  # at head: passes
+        conn.execute("UPDATE stacchip.alembic_version SET version_num = '0000'")
+        with pytest.raises(SchemaBehind) as excinfo:
+            check_schema(conn, database_url)
+    message = str(excinfo.value)
+    assert "stacchip-db db init" in message
+    assert "revision 0000" in message
+    assert "\n" not in message
+
+
+def test_schema_gate_on_empty_database(empty_database_url: str) -> None:
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        state = read_schema_state(conn)
+        assert not state.current
+        with pytest.raises(SchemaBehind, match="db init"):
+            check_schema(conn, empty_database_url)
+
+
+def test_gated_command_fails_in_one_line_then_init_fixes_it(empty_database_url: str) -> None:
+    @click.command()
+    @with_database
+    def probe(db) -> None:
+        click.echo(json.dumps({"ok": db.url == empty_database_url}))
+
+    settings = Settings(database_url=empty_database_url)
+    from stacchip_db.cli import CliGroup
+
+    group = CliGroup(commands={"probe": probe})
+    runner = CliRunner()
+    result = runner.invoke(group, ["probe"], obj=CliContext(settings))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().count("\n") == 0
+    assert "run `stacchip-db db init`" in result.stderr
+
+    init = run_cli(["db", "init"], database_url=empty_database_url)
+    assert init.exit_code == 0, init.output
+    result = runner.invoke(group, ["probe"], obj=CliContext(settings))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"ok": True}
+
+
+def test_doctor_reports_versions_and_problems(database_url: str) -> None:
+    ok = run_cli(["db", "doctor"], database_url=database_url)
+    assert ok.exit_code == 0, ok.output
+    assert "pgstac           0.10.0" in ok.stdout
+    assert "status           ok" in ok.stdout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM stacchip.sql_state")
+    bad = run_cli(["db", "doctor"], database_url=database_url)
+    assert bad.exit_code == 1
+    assert "problem          the SQL functions" in bad.stdout
+    assert "db init" in bad.stderr
