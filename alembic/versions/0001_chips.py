@@ -6,9 +6,8 @@ Create Date: 2026-11-23
 """
 
 import sqlalchemy as sa
-from geoalchemy2 import Geometry
-
 from alembic import op
+from geoalchemy2 import Geometry
 
 revision = "0001"
 down_revision = None
