@@ -19,13 +19,13 @@ from pathlib import Path
 
 import psycopg
 import sqlalchemy as sa
+from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from pypgstac.db import PgstacDB
 from pypgstac.migrate import Migrate
 from pypgstac.version import __version__ as PGSTAC_VERSION
 
-from alembic import command
 from stacchip_db.config import mask_url
 from stacchip_db.db.connection import connect, translate_errors
 from stacchip_db.errors import DatabaseError, PostgisMissing, SchemaBehind
@@ -208,10 +208,14 @@ def init_database(url: str) -> SchemaState:
         conn.execute("SELECT pg_advisory_lock(%s)", (INIT_LOCK_KEY,))
         try:
             _ensure_extensions(conn)
-            log.info("pgstac: migrating to %s", PGSTAC_VERSION)
-            _migrate_pgstac(url)
-            log.info("schema %s: migrating to %s", SCHEMA, alembic_head())
-            _migrate_stacchip(conn, url)
+            before = read_schema_state(conn)
+            if before.pgstac_version != PGSTAC_VERSION:
+                log.info("pgstac: %s -> %s", before.pgstac_version or "installing", PGSTAC_VERSION)
+                _migrate_pgstac(url)
+            if before.alembic_revision != alembic_head():
+                log.info("schema %s: %s -> %s", SCHEMA, before.alembic_revision or "creating",
+                         alembic_head())
+                _migrate_stacchip(conn, url)
             _apply_sql_files(conn)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (INIT_LOCK_KEY,))
