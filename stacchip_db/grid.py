@@ -328,7 +328,7 @@ class ChipGrid:
         integers, the grid is not rotated relative to this one and its origin falls on a pixel
         corner of this grid: only then does each chip map to a fixed block of its pixels.
         """
-        rel = ~self.transform * transform  # asset pixel -> finest-grid pixel
+        rel = ~self.transform @ transform  # asset pixel -> finest-grid pixel
         values = np.array([rel.a, rel.e, rel.c, rel.f])
         rounded = np.round(values)
         if (

@@ -61,13 +61,31 @@ def index_item(
     footprints = grid.footprints_wkb(keep)  # only for kept chips: the largest column
     return pa.Table.from_arrays(
         [
-            pa.array(xs[keep], pa.int32()),
-            pa.array(ys[keep], pa.int32()),
-            pa.array(cloud[keep], pa.float32()),
-            pa.array(nodata[keep], pa.float32()),
-            pa.array(footprints, pa.binary()),
+            _fixed_width(xs[keep], pa.int32(), np.int32),
+            _fixed_width(ys[keep], pa.int32(), np.int32),
+            _fixed_width(cloud[keep], pa.float32(), np.float32),
+            _fixed_width(nodata[keep], pa.float32(), np.float32),
+            _binary(footprints),
         ],
         schema=CHIP_SCHEMA,
+    )
+
+
+# Arrow arrays are built from buffers: `pa.array(ndarray)` imports pandas on first use (a
+# quarter of a second), and these columns need no conversion at all.
+
+
+def _fixed_width(values: np.ndarray, arrow_type: pa.DataType, dtype: type) -> pa.Array:
+    data = np.ascontiguousarray(values, dtype=dtype)
+    return pa.Array.from_buffers(arrow_type, len(data), [None, pa.py_buffer(data)])
+
+
+def _binary(values: np.ndarray) -> pa.Array:
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum([len(v) for v in values], out=offsets[1:])
+    data = b"".join(values)
+    return pa.Array.from_buffers(
+        pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
     )
 
 

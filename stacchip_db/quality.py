@@ -1,11 +1,11 @@
 """Per-chip cloud and nodata fractions from a scene's quality band.
 
 A rule says which asset holds the quality band and how its values map to per-pixel codes
-(bit 0: cloud, bit 1: nodata). `chip_fractions` reads that band once, at its own resolution and
-only over the chipped part of the scene, turns it into codes with a lookup table and sums the
-codes per chip with reshape + sum: no per-chip Python loop, no per-chip file access, and no
-upsampling of a 20 m band to the 10 m grid (the fractions are those of a nearest-neighbour
-upsampling, at a quarter of the memory).
+(bit 0: cloud, bit 1: nodata). `chip_fractions` reads that band once, at its own resolution
+and only over the chipped part of the scene, turns it into codes with a lookup table and sums
+the codes per chip with reshape + sum, a chip row at a time: no per-chip Python loop, no
+per-chip file access, and no upsampling of a 20 m band to the 10 m grid (the fractions are
+those of a nearest-neighbour upsampling, at a quarter of the memory).
 
 | rule | asset | nodata | cloud |
 | --- | --- | --- | --- |
@@ -21,6 +21,7 @@ The MODIS row follows the original stacchip's code (bits 0-1 == 0b01); see `MODI
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,10 @@ CLOUD = np.uint8(1)
 """Code bit of a cloudy pixel."""
 NODATA = np.uint8(2)
 """Code bit of a pixel without data."""
+
+
+READ_THREADS = os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS")
+"""GDAL decoding threads for the quality band (one large multi-tile read: decoding dominates)."""
 
 
 class QualityError(StacchipError):
@@ -60,7 +65,9 @@ def lookup_classifier(lut: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """Classifier mapping integer pixel values through `lut` (length a power of two).
 
     Values are masked with `len(lut) - 1` first, so a 32-entry table looks at bits 0-4 only.
-    One `np.take` per pixel is several times faster than `np.isin` or a chain of bit tests.
+    One table lookup per pixel is several times faster than `np.isin` or a chain of bit tests.
+    `np.take` copies the indices to intp first (8 bytes a pixel): apply it to a chip row at a
+    time (as `band_fractions` does), not to a whole band.
     """
     lut = np.ascontiguousarray(lut, dtype=np.uint8)
     size = len(lut)
@@ -166,25 +173,30 @@ def resolve_rule(quality: str | QualityRule, item: Any) -> QualityRule:
     return RULES[quality]
 
 
-def _per_chip_sum(bits01: np.ndarray, ny: int, nx: int, cy: int, cx: int) -> np.ndarray:
-    """Sum a 0/1 array of shape `(ny*cy, nx*cx)` over each `cy x cx` block -> `(ny, nx)`."""
-    # Rows first (vertical adds over contiguous rows vectorise well), then columns.
-    columns = bits01.reshape(ny, cy, nx * cx).sum(axis=1, dtype=np.uint32)
-    return columns.reshape(ny, nx, cx).sum(axis=2, dtype=np.uint64)
+def band_fractions(
+    band: np.ndarray, classify: Callable[[np.ndarray], np.ndarray], ny: int, nx: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-chip `(cloud_fraction, nodata_fraction)`, float32 `(ny, nx)`, of a quality band.
 
-
-def codes_fractions(codes: np.ndarray, ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-chip `(cloud_fraction, nodata_fraction)`, float32 `(ny, nx)`, from a code array.
-
-    `codes` covers exactly `ny x nx` chips; its block size is inferred from its shape.
+    `band` covers exactly `ny x nx` chips (its block size is inferred from its shape). It is
+    classified one chip row at a time, each row's chips reduced at once by reshape + sum: the
+    row's temporaries (codes, np.take's index copy) stay in the CPU cache and the memory on
+    top of the band stays at one chip row, where classifying the whole band at once would
+    double it and run slower.
     """
-    cy, cx = codes.shape[0] // ny, codes.shape[1] // nx
-    if (cy * ny, cx * nx) != codes.shape:
-        raise ValueError(f"codes of shape {codes.shape} do not split into {ny} x {nx} chips")
-    pixels = float(cy * cx)
-    cloud = _per_chip_sum(codes & CLOUD, ny, nx, cy, cx) / pixels
-    nodata = _per_chip_sum(codes >> 1, ny, nx, cy, cx) / pixels
-    return cloud.astype(np.float32), nodata.astype(np.float32)
+    cy, cx = band.shape[0] // ny, band.shape[1] // nx
+    if (cy * ny, cx * nx) != band.shape:
+        raise ValueError(f"band of shape {band.shape} does not split into {ny} x {nx} chips")
+    column_dtype = np.uint16 if cy < 2**16 else np.uint32
+    counts = np.empty((2, ny, nx), dtype=np.uint64)
+    for row in range(ny):
+        codes = classify(band[row * cy : (row + 1) * cy])
+        for i, bits01 in enumerate((codes & CLOUD, codes >> 1)):
+            # Down the rows first (contiguous vertical adds vectorise well), then across.
+            columns = bits01.sum(axis=0, dtype=column_dtype)
+            counts[i, row] = columns.reshape(nx, cx).sum(axis=1, dtype=np.uint64)
+    fractions = (counts / float(cy * cx)).astype(np.float32)
+    return fractions[0], fractions[1]
 
 
 def read_quality_band(grid: ChipGrid, href: str, *, asset: str = "quality") -> np.ndarray:
@@ -197,7 +209,7 @@ def read_quality_band(grid: ChipGrid, href: str, *, asset: str = "quality") -> n
     """
     where = f"asset {asset!r} ({href})"
     try:
-        with rasterio.open(href) as src:
+        with rasterio.Env(GDAL_NUM_THREADS=READ_THREADS), rasterio.open(href) as src:
             window = grid.grid_window(src.transform, asset=where)
             native = all(
                 float(v).is_integer()
@@ -209,18 +221,17 @@ def read_quality_band(grid: ChipGrid, href: str, *, asset: str = "quality") -> n
                 and window.col_off + window.width <= src.width
                 and window.row_off + window.height <= src.height
             )
-            fill = src.nodata if src.nodata is not None else 0
-            if native:
-                return src.read(1, window=window, boundless=not inside, fill_value=fill)
-            out_shape = (grid.y_size * grid.chip_size, grid.x_size * grid.chip_size)
-            return src.read(
-                1,
-                window=window,
-                out_shape=out_shape,
-                resampling=Resampling.nearest,
-                boundless=not inside,
-                fill_value=fill,
-            )
+            options: dict[str, Any] = {}
+            if not native:
+                options["out_shape"] = (
+                    grid.y_size * grid.chip_size,
+                    grid.x_size * grid.chip_size,
+                )
+                options["resampling"] = Resampling.nearest
+            if not inside:  # only then: fill_value makes rasterio's read several times slower
+                options["boundless"] = True
+                options["fill_value"] = src.nodata if src.nodata is not None else 0
+            return src.read(1, window=window, **options)
     except RasterioError as e:
         raise QualityError(f"item {grid.item_id}: cannot read {where}: {e}") from e
 
@@ -243,6 +254,4 @@ def chip_fractions(
             f"item does not have (assets: {', '.join(sorted(view.assets))}); pick another rule"
         )
     band = read_quality_band(grid, view.assets[rule.asset]["href"], asset=rule.asset)
-    codes = rule.classify(band)
-    del band
-    return codes_fractions(codes, grid.y_size, grid.x_size)
+    return band_fractions(band, rule.classify, grid.y_size, grid.x_size)

@@ -10,9 +10,9 @@ else (CRS, ids, datetimes, other assets' remote hrefs) stays as in the original 
 Pixel patterns are fixed shapes in scene-relative coordinates (so they look alike at every
 scale), chosen to exercise the quality rules:
 
-- `scl` (Sentinel-2): vegetation (4) with a water band (6); a cloud blob (9 core, 8 rim), cloud
-  shadow (3) beside it, a cirrus (10) strip; a nodata (0) wedge along the left edge, widest at
-  the bottom, where whole chips are empty.
+- `scl` (Sentinel-2): a seeded mix of clear classes (2, 4, 5, 7, 11) with a water band (6);
+  a cloud blob (9 core, 8 rim), cloud shadow (3) beside it, a cirrus (10) strip; a nodata (0)
+  wedge along the left edge, widest at the bottom, where whole chips are empty.
 - `qa_pixel` (Landsat): the same shapes as real QA_PIXEL values: clear 21824, cloud 22280,
   dilated cloud 21826, shadow 23888, fill 1.
 - `sur_refl_qc_500m` (MODIS): 0 clear, 0b01 under the blob (the `modis` rule's cloud), 0b11 in
@@ -35,14 +35,15 @@ from affine import Affine
 
 from stacchip_db.grid import item_crs, item_view
 
-LANDSAT_CLEAR, LANDSAT_CLOUD, LANDSAT_DILATED, LANDSAT_SHADOW, LANDSAT_FILL = (
+LANDSAT_CLEAR, LANDSAT_WATER, LANDSAT_CLOUD, LANDSAT_DILATED, LANDSAT_SHADOW, LANDSAT_FILL = (
     21824,
+    21952,
     22280,
     21826,
     23888,
     1,
 )
-"""QA_PIXEL values of a clear land pixel, high-confidence cloud, dilated cloud, shadow, fill."""
+"""QA_PIXEL values: clear land, clear water, high-confidence cloud, dilated cloud, shadow, fill."""
 
 
 def scene_masks(shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -71,22 +72,45 @@ def scene_masks(shape: tuple[int, int]) -> dict[str, np.ndarray]:
 
 
 def _paint(
-    shape: tuple[int, int], dtype: str, base: int, layers: Iterable[tuple[str, int]]
+    shape: tuple[int, int],
+    dtype: str,
+    base: int | np.ndarray,
+    layers: Iterable[tuple[str, int]],
 ) -> np.ndarray:
-    """An array of `base` with each `(mask name, value)` painted on in order."""
+    """`base` (a value or an array) with each `(mask name, value)` painted on in order."""
     masks = scene_masks(shape)
-    out = np.full(shape, base, dtype=dtype)
+    out = np.empty(shape, dtype=dtype)
+    out[...] = base
     for name, value in layers:
         out[masks[name]] = value
     return out
 
 
+def _texture(
+    shape: tuple[int, int], rng: np.random.Generator | None, values: list[int], block: int = 2
+) -> int | np.ndarray:
+    """Random `block`-pixel patches of `values` (or just the first value without `rng`).
+
+    Gives the quality COGs a realistic compressed size (a uniform band compresses to almost
+    nothing, which would make reading look cheaper than on real scenes).
+    """
+    if rng is None:
+        return values[0]
+    height, width = shape
+    patches = rng.choice(np.asarray(values), size=(-(-height // block), -(-width // block)))
+    return np.repeat(np.repeat(patches, block, axis=0), block, axis=1)[:height, :width]
+
+
 def scl_pattern(shape: tuple[int, int], rng: np.random.Generator | None = None) -> np.ndarray:
-    """Sentinel-2 SCL classes (uint8) for the synthetic scene."""
+    """Sentinel-2 SCL classes (uint8) for the synthetic scene.
+
+    With `rng`, the clear background is a random mix of classes 2, 4, 5, 7 and 11 (none of
+    them cloud or nodata, so the fractions do not depend on the seed).
+    """
     return _paint(
         shape,
         "uint8",
-        4,
+        _texture(shape, rng, [4, 4, 4, 5, 5, 7, 2, 11]),
         [
             ("water", 6),
             ("cirrus", 10),
@@ -103,7 +127,7 @@ def qa_pixel_pattern(shape: tuple[int, int], rng: np.random.Generator | None = N
     return _paint(
         shape,
         "uint16",
-        LANDSAT_CLEAR,
+        _texture(shape, rng, [LANDSAT_CLEAR, LANDSAT_CLEAR, LANDSAT_CLEAR, LANDSAT_WATER]),
         [
             ("shadow", LANDSAT_SHADOW),
             ("cloud_rim", LANDSAT_DILATED),
@@ -245,3 +269,55 @@ def synthesize_item(
         )
         fields["href"] = str(path.resolve())
     return out
+
+
+def item_from_arrays(
+    item_id: str,
+    out_dir: str | Path,
+    assets: Mapping[str, tuple[np.ndarray, int]],
+    *,
+    shape: tuple[int, int],
+    crs: str = "EPSG:32633",
+    pixel_size: float = 10.0,
+    origin: tuple[float, float] = (500000.0, 4500000.0),
+    datetime: str = "2024-03-11T10:00:00Z",
+    nodata: float | None = None,
+) -> dict[str, Any]:
+    """A minimal STAC item dict whose assets are COGs of the given arrays.
+
+    `assets` maps a key to `(array, factor)`: the array's pixels are `factor` times the item
+    grid's `pixel_size`, north-up from `origin` (upper-left corner). The item carries
+    `proj:code`, `proj:shape` (`shape`) and `proj:transform`; each asset its own grid. For
+    tests that need exact, hand-made quality patterns.
+    """
+    left, top = origin
+    out_dir = Path(out_dir)
+    item_assets: dict[str, Any] = {}
+    for key, (array, factor) in assets.items():
+        transform = Affine(pixel_size * factor, 0.0, left, 0.0, -pixel_size * factor, top)
+        path = write_cog(
+            out_dir / f"{item_id}_{key}.tif", array, crs=crs, transform=transform, nodata=nodata
+        )
+        item_assets[key] = {
+            "href": str(path.resolve()),
+            "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+            "proj:shape": list(array.shape[-2:]),
+            "proj:transform": list(transform)[:6],
+        }
+    width, height = shape[1] * pixel_size, shape[0] * pixel_size
+    return {
+        "type": "Feature",
+        "stac_version": "1.1.0",
+        "stac_extensions": ["https://stac-extensions.github.io/projection/v2.0.0/schema.json"],
+        "id": item_id,
+        "bbox": [left, top - height, left + width, top],
+        "geometry": None,
+        "properties": {
+            "datetime": datetime,
+            "proj:code": crs,
+            "proj:shape": list(shape),
+            "proj:transform": [pixel_size, 0.0, left, 0.0, -pixel_size, top],
+        },
+        "links": [],
+        "assets": item_assets,
+    }
