@@ -103,7 +103,12 @@ def item_view(item: Any) -> ItemView:
     assets: dict[str, dict[str, Any]] = {}
     for key, asset in item.assets.items():
         fields = dict(asset.extra_fields)
-        fields["href"] = asset.get_absolute_href() or asset.href
+        href = asset.href
+        # Only relative hrefs are resolved against the item's self link: pystac would also
+        # turn a local absolute path into a path on the self link's (remote) host.
+        if not (href.startswith("/") or "://" in href):
+            href = asset.get_absolute_href() or href
+        fields["href"] = href
         assets[key] = fields
     return ItemView(id=str(item.id), properties=item.properties, assets=assets)
 

@@ -211,9 +211,12 @@ def read_quality_band(grid: ChipGrid, href: str, *, asset: str = "quality") -> n
     try:
         with rasterio.Env(GDAL_NUM_THREADS=READ_THREADS), rasterio.open(href) as src:
             window = grid.grid_window(src.transform, asset=where)
-            native = all(
-                float(v).is_integer()
-                for v in (window.col_off, window.row_off, window.width, window.height)
+            fx, fy, _, _ = grid.alignment(src.transform, asset=where)
+            native = (
+                grid.chip_size % fx == 0
+                and grid.chip_size % fy == 0
+                and float(window.col_off).is_integer()
+                and float(window.row_off).is_integer()
             )
             inside = (
                 window.col_off >= 0
