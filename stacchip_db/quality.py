@@ -200,7 +200,7 @@ def band_fractions(
 
 
 def read_quality_band(grid: ChipGrid, href: str, *, asset: str = "quality") -> np.ndarray:
-    """Band 1 of `href` over the chipped area, at its own resolution when possible.
+    """Band 1 of `href` over the chipped area (maybe a view), at its own resolution if possible.
 
     When the band's grid is the item's grid coarsened by integer factors that divide the chip
     size, the array has `chip_size / factor` pixels per chip; otherwise it is resampled
@@ -225,6 +225,12 @@ def read_quality_band(grid: ChipGrid, href: str, *, asset: str = "quality") -> n
                 and window.row_off + window.height <= src.height
             )
             options: dict[str, Any] = {}
+            if native and inside and window.width * window.height * 2 >= src.width * src.height:
+                # Most of the file: read all of it and slice. GDAL decodes a whole-band request
+                # straight into the array (multi-threaded); a window request also fills GDAL's
+                # block cache with a second copy of the band.
+                rows, cols = window.toslices()
+                return src.read(1)[rows, cols]
             if not native:
                 options["out_shape"] = (
                     grid.y_size * grid.chip_size,
@@ -257,4 +263,7 @@ def chip_fractions(
             f"item does not have (assets: {', '.join(sorted(view.assets))}); pick another rule"
         )
     band = read_quality_band(grid, view.assets[rule.asset]["href"], asset=rule.asset)
-    return band_fractions(band, rule.classify, grid.y_size, grid.x_size)
+    try:
+        return band_fractions(band, rule.classify, grid.y_size, grid.x_size)
+    except QualityError as e:
+        raise QualityError(f"item {view.id}: asset {rule.asset!r}: {e}") from e

@@ -54,8 +54,8 @@ def scene_masks(shape: tuple[int, int]) -> dict[str, np.ndarray]:
     others, and the cloud features win over `water`.
     """
     height, width = shape
-    v = ((np.arange(height, dtype=np.float64) + 0.5) / height)[:, None]
-    u = ((np.arange(width, dtype=np.float64) + 0.5) / width)[None, :]
+    v = ((np.arange(height, dtype=np.float32) + 0.5) / height)[:, None]
+    u = ((np.arange(width, dtype=np.float32) + 0.5) / width)[None, :]
     r2 = (u - 0.6) ** 2 + (v - 0.35) ** 2
     masks = {
         "nodata": u < 0.45 * v,
@@ -87,7 +87,11 @@ def _paint(
 
 
 def _texture(
-    shape: tuple[int, int], rng: np.random.Generator | None, values: list[int], block: int = 2
+    shape: tuple[int, int],
+    rng: np.random.Generator | None,
+    values: list[int],
+    dtype: str,
+    block: int = 2,
 ) -> int | np.ndarray:
     """Random `block`-pixel patches of `values` (or just the first value without `rng`).
 
@@ -97,7 +101,9 @@ def _texture(
     if rng is None:
         return values[0]
     height, width = shape
-    patches = rng.choice(np.asarray(values), size=(-(-height // block), -(-width // block)))
+    patches = rng.choice(
+        np.asarray(values, dtype=dtype), size=(-(-height // block), -(-width // block))
+    )
     return np.repeat(np.repeat(patches, block, axis=0), block, axis=1)[:height, :width]
 
 
@@ -110,7 +116,7 @@ def scl_pattern(shape: tuple[int, int], rng: np.random.Generator | None = None) 
     return _paint(
         shape,
         "uint8",
-        _texture(shape, rng, [4, 4, 4, 5, 5, 7, 2, 11]),
+        _texture(shape, rng, [4, 4, 4, 5, 5, 7, 2, 11], "uint8"),
         [
             ("water", 6),
             ("cirrus", 10),
@@ -127,7 +133,7 @@ def qa_pixel_pattern(shape: tuple[int, int], rng: np.random.Generator | None = N
     return _paint(
         shape,
         "uint16",
-        _texture(shape, rng, [LANDSAT_CLEAR, LANDSAT_CLEAR, LANDSAT_CLEAR, LANDSAT_WATER]),
+        _texture(shape, rng, [LANDSAT_CLEAR] * 3 + [LANDSAT_WATER], "uint16"),
         [
             ("shadow", LANDSAT_SHADOW),
             ("cloud_rim", LANDSAT_DILATED),

@@ -131,6 +131,23 @@ def test_naip_without_quality_band_keeps_every_chip():
     assert not np.asarray(table["nodata_fraction"]).any()
 
 
+def test_synthetic_naip_item_is_a_consistent_cog_item(tmp_path: Path):
+    item = synthesize_item(load(NAIP), tmp_path, ["asset"], scale=10, seed=7)
+    assert item["properties"]["proj:shape"] == [1266, 970]
+    assert item["properties"]["proj:transform"][:6] == [6.0, 0.0, 341338.2, 0.0, -6.0, 4749053.4]
+    with rasterio.open(item["assets"]["asset"]["href"]) as src:
+        assert (src.count, src.height, src.width) == (4, 1266, 970)
+        assert src.crs.to_epsg() == 26919 and src.block_shapes[0] == (512, 512)
+        assert src.overviews(1)
+        assert tuple(src.transform)[:6] == tuple(item["properties"]["proj:transform"][:6])
+        pixels = src.read()
+    again = synthesize_item(load(NAIP), tmp_path / "again", ["asset"], scale=10, seed=7)
+    with rasterio.open(again["assets"]["asset"]["href"]) as src:
+        np.testing.assert_array_equal(src.read(), pixels)  # same seed, same pixels
+    table = index_item(item, chip_size=64)
+    assert table.num_rows == 19 * 15  # floor(1266 / 64) x floor(970 / 64)
+
+
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
 def test_max_nodata_must_be_a_fraction(pattern_item: dict, value: float):
     with pytest.raises(StacchipError, match="not a fraction between 0 and 1"):
