@@ -1,0 +1,661 @@
+"""Writing STAC items and their chips: pgstac upsert + `stacchip.chips` replacement.
+
+Contract (ARCHITECTURE.md, "Database contract"): an item and its chip rows are written in ONE
+transaction; the item goes into pgstac through pgstac's own `upsert_items`/`create_items`
+(never by hand into its tables), the chip rows of `(collection, item_id, chip_size)` are
+replaced by a binary COPY into a `TEMP TABLE … ON COMMIT DROP` and one `INSERT … SELECT`.
+Re-storing an item gives the same rows, never duplicates.
+
+The public API, used by the `index` command and by the processors:
+
+- `store_item(conn, item, chips, *, chip_size)`: one item and its `index_item` table;
+- `store_items(conn, pairs, *, chip_size)`: many `(item, chips)` pairs in one transaction (the
+  bulk path: one COPY for all their chips);
+- `ItemWriter`: a context manager that batches `(item, chips)` pairs into `store_items` calls,
+  optionally on a background thread (so indexing the next items overlaps with the database
+  writing the previous ones), and isolates the items a failed batch contained.
+
+Concurrency, the way pgstac's own loader does it:
+
+1. a short first transaction makes sure every collection and pgstac partition the items need
+   exists (`pgstac.check_partition`, the function pgstac's trigger calls), serialised per
+   collection by an advisory lock, so that the partition DDL (ACCESS EXCLUSIVE locks) never
+   runs inside the long transaction that writes the rows;
+2. the write transaction first takes one advisory lock per item, in sorted key order: writers of
+   different items never wait for each other, two writers of the same item run one after the
+   other (the second one's rows win, consistently), and sorted order rules out deadlocks.
+   A transaction that waits for an item lock holds no table lock yet.
+
+Functions here commit their own transactions: pass a connection that is not inside one
+(autocommit, or idle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+from psycopg import pq
+
+from stacchip_db.db.connection import translate_errors
+from stacchip_db.errors import DatabaseError, StacchipError
+from stacchip_db.index import item_datetime
+
+log = logging.getLogger(__name__)
+
+CHIP_COLUMNS = ("chip_index_x", "chip_index_y", "cloud_fraction", "nodata_fraction", "geometry")
+"""Columns read from a chips table (`stacchip_db.index.CHIP_SCHEMA`)."""
+
+BATCH_CHIPS = 50_000
+"""Default number of chips `ItemWriter` collects before writing a batch."""
+BATCH_ITEMS = 500
+"""Default number of items `ItemWriter` collects before writing a batch."""
+
+# First key of the two-int advisory locks that serialise pgstac partition checks per
+# collection. The one-bigint lock space (item locks, `db init`) is a different lock tag.
+_PARTITION_LOCK_CLASS = 0x57AC
+_LICENSE = "other"
+
+
+class StoreError(StacchipError):
+    """An item cannot be stored as it is."""
+
+
+class ItemError(StoreError):
+    """The item is not a STAC item stacchip-db can store (no id, collection, datetime…)."""
+
+
+class CollectionMissing(StoreError):
+    """Strict mode: the item's collection does not exist in pgstac."""
+
+
+class ItemExists(StoreError):
+    """`OnConflict.insert`: the item is already stored."""
+
+
+class OnConflict(StrEnum):
+    """What to do with an item that is already stored (as pgstac's loader methods)."""
+
+    upsert = "upsert"
+    """Replace the item in pgstac and all its chip rows at this chip size (default)."""
+    ignore = "ignore"
+    """Leave an item that is in pgstac with chips at this chip size as it is."""
+    insert = "insert"
+    """Fail (`ItemExists`) when the item is already in pgstac."""
+
+
+@dataclass
+class StoreResult:
+    """What a store call wrote."""
+
+    items: int = 0
+    """Items upserted (or inserted) into pgstac, with their chips."""
+    chips: int = 0
+    """Chip rows written."""
+    skipped: list[str] = field(default_factory=list)
+    """Ids of items left as they were (`OnConflict.ignore`)."""
+    collections_created: list[str] = field(default_factory=list)
+    """Collections created as minimal STAC collections for these items."""
+
+    def add(self, other: StoreResult) -> None:
+        self.items += other.items
+        self.chips += other.chips
+        self.skipped.extend(other.skipped)
+        self.collections_created.extend(other.collections_created)
+
+
+# -- items ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An item checked for what storing needs, with the values the SQL takes."""
+
+    item: Mapping[str, Any]
+    collection: str
+    item_id: str
+    datetime: datetime
+    chips: pa.Table
+
+
+def _item_id(item: Any) -> str:
+    return str(item.get("id") or "<no id>") if isinstance(item, Mapping) else "<not an object>"
+
+
+def check_item(item: Any) -> tuple[str, str, datetime]:
+    """`(collection, id, chip datetime)` of a STAC item dict, or `ItemError` naming it."""
+    if not isinstance(item, Mapping):
+        raise ItemError(f"item {str(item)[:60]!r} is not a JSON object; pass STAC items")
+    item_id = item.get("id")
+    if not isinstance(item_id, str) or not item_id:
+        raise ItemError(f"item without an id (keys {sorted(item)[:8]}); give every item an id")
+    collection = item.get("collection")
+    if not isinstance(collection, str) or not collection:
+        raise ItemError(
+            f"item {item_id}: no collection; set `collection` in the item or pass --collection"
+        )
+    if item.get("type") != "Feature":
+        raise ItemError(f"item {item_id}: type is {item.get('type')!r}, a STAC item's is Feature")
+    geometry = item.get("geometry")
+    if not isinstance(geometry, Mapping) or "coordinates" not in geometry:
+        raise ItemError(f"item {item_id}: no GeoJSON geometry; pgstac needs one to store it")
+    try:
+        when = item_datetime(item)
+    except StacchipError as e:
+        raise ItemError(str(e)) from e
+    if when.tzinfo is None:  # STAC says RFC 3339 (with offset); read a bare time as UTC
+        when = when.replace(tzinfo=UTC)
+    return collection, item_id, when
+
+
+def _prepare(item: Mapping[str, Any], chips: pa.Table) -> _Prepared:
+    collection, item_id, when = check_item(item)
+    missing = [name for name in CHIP_COLUMNS if name not in chips.column_names]
+    if missing:
+        raise ItemError(
+            f"item {item_id}: the chips table has no column {', '.join(missing)}; pass the "
+            "table `stacchip_db.index.index_item` returns"
+        )
+    return _Prepared(item, collection, item_id, when, chips.select(list(CHIP_COLUMNS)))
+
+
+def item_lock_key(collection: str, item_id: str) -> int:
+    """The advisory-lock key (signed bigint) of an item: writers of one item take turns."""
+    digest = hashlib.blake2b(f"{collection}\0{item_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def minimal_collection(collection: str, item: Mapping[str, Any]) -> dict[str, Any]:
+    """A minimal valid STAC collection for `item`: id, description, license, extent.
+
+    The extent is the first item's bbox and datetime; pgstac's `update_collection_extents()`
+    recomputes it from all items when wanted.
+    """
+    _, _, when = check_item(item)
+    bbox = item.get("bbox") or _geometry_bbox(item["geometry"])
+    stamp = when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return {
+        "type": "Collection",
+        "stac_version": "1.0.0",
+        "id": collection,
+        "description": f"Collection {collection}, created by stacchip-db for indexed items.",
+        "license": _LICENSE,
+        "extent": {
+            "spatial": {"bbox": [list(bbox)[:4] if len(bbox) == 4 else list(bbox)]},
+            "temporal": {"interval": [[stamp, stamp]]},
+        },
+        "links": [],
+    }
+
+
+def _geometry_bbox(geometry: Mapping[str, Any]) -> list[float]:
+    coords = np.asarray(_flatten(geometry.get("coordinates")), dtype=np.float64).reshape(-1, 2)
+    return [*coords.min(axis=0).tolist(), *coords.max(axis=0).tolist()]
+
+
+def _flatten(value: Any) -> Iterator[float]:
+    if isinstance(value, int | float):
+        yield float(value)
+        return
+    for part in value or []:
+        if isinstance(part, list | tuple) and part and isinstance(part[0], int | float):
+            yield from (float(v) for v in part[:2])
+        else:
+            yield from _flatten(part)
+
+
+# -- chips as a binary COPY stream ------------------------------------------------------------
+
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+_COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+_PREFIX_FIELDS = [
+    ("nfields", ">i2"),
+    ("n0", ">i4"), ("item_no", ">i4"),
+    ("n1", ">i4"), ("chip_index_x", ">i4"),
+    ("n2", ">i4"), ("chip_index_y", ">i4"),
+    ("n3", ">i4"), ("cloud_fraction", ">f4"),
+    ("n4", ">i4"), ("nodata_fraction", ">f4"),
+    ("n5", ">i4"),
+]  # then the geometry's WKB bytes
+_INCOMING = """
+CREATE TEMP TABLE stacchip_chips_in (
+    item_no int NOT NULL,
+    chip_index_x int NOT NULL,
+    chip_index_y int NOT NULL,
+    cloud_fraction real NOT NULL,
+    nodata_fraction real NOT NULL,
+    geometry bytea NOT NULL
+) ON COMMIT DROP
+"""
+
+
+def _column(table: pa.Table, name: str, arrow_type: pa.DataType) -> np.ndarray:
+    """A fixed-width column as numpy, read from its buffer (`to_numpy` would import pandas)."""
+    array = table.column(name).combine_chunks()
+    if array.null_count:
+        raise ItemError(f"chips column {name} has nulls; pass the table index_item returns")
+    if array.type != arrow_type:
+        array = array.cast(arrow_type)
+    dtype = np.dtype(arrow_type.to_pandas_dtype())
+    return np.frombuffer(
+        array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize
+    )
+
+
+def chips_copy_data(tables: Sequence[pa.Table]) -> tuple[bytes, int]:
+    """Binary COPY data (`stacchip_chips_in`'s columns) for the chips of `tables`, and its rows.
+
+    Rows of `tables[i]` get `item_no = i`. Built with numpy record arrays, no per-chip Python:
+    rows whose footprints have the same WKB length (every 4-corner polygon: 93 bytes) are one
+    record array with the WKB as a fixed-size field.
+    """
+    counts = np.array([t.num_rows for t in tables], dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return _COPY_HEADER + _COPY_TRAILER, 0
+    table = pa.concat_tables(tables)
+    geometry = table.column("geometry").combine_chunks()
+    if not pa.types.is_binary(geometry.type):
+        geometry = geometry.cast(pa.binary())
+    if geometry.null_count:
+        raise ItemError("chips column geometry has nulls; pass the table index_item returns")
+    _, offsets_buf, data_buf = geometry.buffers()
+    offsets = np.frombuffer(
+        offsets_buf, dtype=np.int32, count=total + 1, offset=geometry.offset * 4
+    )
+    data = np.frombuffer(data_buf or b"", dtype=np.uint8)
+    lengths = np.diff(offsets)
+    columns = {
+        "item_no": np.repeat(np.arange(len(tables), dtype=np.int32), counts),
+        "chip_index_x": _column(table, "chip_index_x", pa.int32()),
+        "chip_index_y": _column(table, "chip_index_y", pa.int32()),
+        "cloud_fraction": _column(table, "cloud_fraction", pa.float32()),
+        "nodata_fraction": _column(table, "nodata_fraction", pa.float32()),
+    }
+    parts = [_COPY_HEADER]
+    for length in np.unique(lengths):
+        rows = np.flatnonzero(lengths == length)
+        size = int(length)
+        record = np.empty(len(rows), dtype=[*_PREFIX_FIELDS, ("wkb", np.uint8, (size,))])
+        record["nfields"] = 6
+        for name in ("n0", "n1", "n2", "n3", "n4"):
+            record[name] = 4  # every fixed-width field is 4 bytes
+        record["n5"] = size
+        for name, values in columns.items():
+            record[name] = values[rows]
+        if len(rows) == total and offsets[0] == 0:
+            record["wkb"] = data[: total * size].reshape(total, size)
+        else:
+            record["wkb"] = data[offsets[rows][:, None] + np.arange(size)]
+        parts.append(record.tobytes())
+    parts.append(_COPY_TRAILER)
+    return b"".join(parts), total
+
+
+# -- the two transactions ---------------------------------------------------------------------
+
+_PARTITIONS = """
+WITH t AS (
+    SELECT i->>'collection' AS collection,
+           pgstac.stac_daterange(i->'properties') AS dtr,
+           c.partition_trunc
+    FROM jsonb_array_elements(%s::jsonb) i
+    JOIN pgstac.collections c ON c.id = i->>'collection'
+), p AS (
+    SELECT collection,
+           COALESCE(date_trunc(partition_trunc::text, lower(dtr)), '-infinity') AS d,
+           tstzrange(min(lower(dtr)), max(lower(dtr)), '[]') AS dtrange,
+           tstzrange(min(upper(dtr)), max(upper(dtr)), '[]') AS edtrange
+    FROM t GROUP BY 1, 2
+)
+SELECT pgstac.check_partition(collection, dtrange, edtrange) FROM p ORDER BY collection, d
+"""
+# The same grouping as pgstac's items_staging_triggerfunc, which calls check_partition again
+# inside the write transaction and then finds nothing left to do.
+
+
+def _ensure_collections_and_partitions(
+    conn: psycopg.Connection, prepared: Sequence[_Prepared], *, strict: bool
+) -> list[str]:
+    """First transaction: collections (created when missing) and partitions; returns created."""
+    created: list[str] = []
+    first_item: dict[str, _Prepared] = {}
+    for p in prepared:
+        first_item.setdefault(p.collection, p)
+    with conn.transaction():
+        conn.execute("SET LOCAL TIME ZONE 'UTC'")  # pgstac buckets partitions in UTC
+        for collection in sorted(first_item):
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                (_PARTITION_LOCK_CLASS, collection),
+            )
+        existing = {
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM pgstac.collections WHERE id = ANY(%s)", (sorted(first_item),)
+            )
+        }
+        for collection in sorted(set(first_item) - existing):
+            example = first_item[collection]
+            if strict:
+                raise CollectionMissing(
+                    f"item {example.item_id}: collection {collection!r} does not exist in "
+                    "pgstac; create it first (e.g. `pypgstac load collections FILE`) or drop "
+                    "--strict to create a minimal one"
+                )
+            document = minimal_collection(collection, example.item)
+            conn.execute("SELECT pgstac.create_collection(%s::jsonb)", (json.dumps(document),))
+            created.append(collection)
+            log.info("created collection %s (minimal STAC collection)", collection)
+        dates = [
+            {
+                "collection": p.collection,
+                "properties": {
+                    key: p.item["properties"].get(key)
+                    for key in ("datetime", "start_datetime", "end_datetime")
+                    if p.item["properties"].get(key) is not None
+                },
+            }
+            for p in prepared
+        ]
+        conn.execute(_PARTITIONS, (json.dumps(dates),))
+    return created
+
+
+def _write(
+    conn: psycopg.Connection,
+    prepared: Sequence[_Prepared],
+    *,
+    chip_size: int,
+    on_conflict: OnConflict,
+) -> StoreResult:
+    """Second transaction: item locks, pgstac upsert, chip rows replaced."""
+    result = StoreResult()
+    with conn.transaction():
+        keys = sorted({item_lock_key(p.collection, p.item_id) for p in prepared})
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) WITH ORDINALITY u(k, n) "
+            "ORDER BY n",
+            (keys,),
+        )
+        if on_conflict is OnConflict.ignore:
+            stored = _already_stored(conn, prepared, chip_size)
+            result.skipped = [p.item_id for p in prepared if (p.collection, p.item_id) in stored]
+            prepared = [p for p in prepared if (p.collection, p.item_id) not in stored]
+            if not prepared:
+                return result
+        function = "create_items" if on_conflict is OnConflict.insert else "upsert_items"
+        items_json = json.dumps([p.item for p in prepared], separators=(",", ":"))
+        conn.execute(f"SELECT pgstac.{function}(%s::jsonb)", (items_json,))
+        collections = [p.collection for p in prepared]
+        item_ids = [p.item_id for p in prepared]
+        conn.execute(
+            "DELETE FROM stacchip.chips c USING unnest(%s::text[], %s::text[]) AS i(collection, "
+            "item_id) WHERE c.collection = i.collection AND c.item_id = i.item_id "
+            "AND c.chip_size = %s",
+            (collections, item_ids, chip_size),
+        )
+        data, rows = chips_copy_data([p.chips for p in prepared])
+        conn.execute(_INCOMING)
+        with conn.cursor().copy("COPY stacchip_chips_in FROM STDIN WITH (FORMAT binary)") as copy:
+            copy.write(data)
+        inserted = conn.execute(
+            """
+            INSERT INTO stacchip.chips (collection, item_id, chip_size, chip_index_x,
+                chip_index_y, datetime, cloud_fraction, nodata_fraction, geometry)
+            SELECT i.collection, i.item_id, %s, c.chip_index_x, c.chip_index_y, i.datetime,
+                   c.cloud_fraction, c.nodata_fraction, ST_GeomFromWKB(c.geometry, 4326)
+            FROM stacchip_chips_in c
+            JOIN unnest(%s::text[], %s::text[], %s::timestamptz[])
+                WITH ORDINALITY AS i(collection, item_id, datetime, n) ON c.item_no = i.n - 1
+            """,
+            (chip_size, collections, item_ids, [p.datetime for p in prepared]),
+        ).rowcount
+        if inserted != rows:  # the join cannot drop rows unless item_no is wrong: a bug
+            raise DatabaseError(f"stored {inserted} of {rows} chips; nothing was committed")
+        result.items = len(prepared)
+        result.chips = rows
+    return result
+
+
+def _already_stored(
+    conn: psycopg.Connection, prepared: Sequence[_Prepared], chip_size: int
+) -> set[tuple[str, str]]:
+    rows = conn.execute(
+        """
+        SELECT i.collection, i.item_id
+        FROM unnest(%s::text[], %s::text[]) AS i(collection, item_id)
+        WHERE EXISTS (SELECT 1 FROM pgstac.items p
+                      WHERE p.collection = i.collection AND p.id = i.item_id)
+          AND EXISTS (SELECT 1 FROM stacchip.chips c
+                      WHERE c.collection = i.collection AND c.item_id = i.item_id
+                        AND c.chip_size = %s)
+        """,
+        ([p.collection for p in prepared], [p.item_id for p in prepared], chip_size),
+    ).fetchall()
+    return {(c, i) for c, i in rows}
+
+
+def _check_idle(conn: psycopg.Connection) -> None:
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        raise ValueError(
+            "store_items commits its own transactions: pass a connection that is not inside "
+            "one (autocommit, or commit first)"
+        )
+
+
+def store_items(
+    conn: psycopg.Connection,
+    pairs: Iterable[tuple[Mapping[str, Any], pa.Table]],
+    *,
+    chip_size: int,
+    strict: bool = False,
+    on_conflict: OnConflict | str = OnConflict.upsert,
+) -> StoreResult:
+    """Store many items and their chips; all of them or (on any error) none.
+
+    `pairs` are `(item dict, chips table)`, the table as `index_item` returns it (computed
+    with the same `chip_size`). Each item needs `id`, `collection`, a geometry and a datetime;
+    a missing collection is created as a minimal STAC collection unless `strict` (then
+    `CollectionMissing`). Each item's chip rows at `chip_size` are replaced, each chip row is
+    dated `index.item_datetime(item)`. An item may appear once per call.
+    Raises `ItemError` for a bad item (before touching the database), `ItemExists`
+    (`on_conflict="insert"`), or `DatabaseError`.
+    """
+    on_conflict = OnConflict(on_conflict)
+    prepared = [_prepare(item, chips) for item, chips in pairs]
+    if not prepared:
+        return StoreResult()
+    seen: set[tuple[str, str]] = set()
+    for p in prepared:
+        if (p.collection, p.item_id) in seen:
+            raise ItemError(
+                f"item {p.item_id} appears twice in one batch of collection {p.collection}; "
+                "pass each item once"
+            )
+        seen.add((p.collection, p.item_id))
+    _check_idle(conn)
+    what = (
+        f"storing item {prepared[0].item_id}"
+        if len(prepared) == 1
+        else f"storing {len(prepared)} items ({prepared[0].item_id} …)"
+    )
+    try:
+        with translate_errors(what):
+            created = _ensure_collections_and_partitions(conn, prepared, strict=strict)
+            result = _write(conn, prepared, chip_size=chip_size, on_conflict=on_conflict)
+    except DatabaseError as e:
+        if isinstance(e.__cause__, psycopg.errors.UniqueViolation) and (
+            on_conflict is OnConflict.insert
+        ):
+            raise ItemExists(
+                f"{what}: already stored; use on_conflict upsert (replace) or ignore (keep)"
+            ) from e
+        raise
+    result.collections_created = created
+    return result
+
+
+def store_item(
+    conn: psycopg.Connection,
+    item: Mapping[str, Any],
+    chips: pa.Table,
+    *,
+    chip_size: int,
+    strict: bool = False,
+    on_conflict: OnConflict | str = OnConflict.upsert,
+) -> StoreResult:
+    """Store one item into pgstac and replace its chip rows, in one transaction.
+
+    See `store_items`; this is the same for a single `(item, chips)` pair.
+    """
+    return store_items(
+        conn, [(item, chips)], chip_size=chip_size, strict=strict, on_conflict=on_conflict
+    )
+
+
+# -- batching many items ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """An item that could not be stored, with the one-line reason."""
+
+    item_id: str
+    message: str
+
+
+class ItemWriter:
+    """Store a stream of `(item, chips)` pairs in batches; one item's failure spares the rest.
+
+        with ItemWriter(conn, chip_size=256) as writer:
+            for item in items:
+                writer.add(item, index_item(item))
+        writer.result, writer.failures
+
+    A batch is written (one `store_items` call) when it holds `batch_chips` chips or
+    `batch_items` items, and at exit. When a batch fails, its items are stored one by one, so
+    the bad ones are named in `failures` and the others stored. With `background=True` batches
+    are written by a thread while the caller goes on indexing (the database works in its own
+    process, so the two overlap even under the GIL); at most two batches wait in memory.
+    An item added twice is written by the later batch (the two batches run in order).
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        *,
+        chip_size: int,
+        strict: bool = False,
+        on_conflict: OnConflict | str = OnConflict.upsert,
+        batch_chips: int = BATCH_CHIPS,
+        batch_items: int = BATCH_ITEMS,
+        background: bool = False,
+    ) -> None:
+        self.conn = conn
+        self.chip_size = chip_size
+        self.strict = strict
+        self.on_conflict = OnConflict(on_conflict)
+        self.batch_chips = batch_chips
+        self.batch_items = batch_items
+        self.result = StoreResult()
+        self.failures: list[ItemFailure] = []
+        self._batch: list[tuple[Mapping[str, Any], pa.Table]] = []
+        self._batch_keys: set[tuple[str, str]] = set()
+        self._batch_rows = 0
+        self._queue: queue.Queue[list[tuple[Mapping[str, Any], pa.Table]] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=2)
+            self._thread = threading.Thread(
+                target=self._drain, args=(self._queue,), name="stacchip-store", daemon=True
+            )
+            self._thread.start()
+
+    def __enter__(self) -> ItemWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close()
+
+    def add(self, item: Mapping[str, Any], chips: pa.Table) -> bool:
+        """Queue one item (False and a failure when it cannot be stored); writes full batches."""
+        try:
+            key = check_item(item)[:2]
+        except ItemError as e:  # caught before it can spoil a whole batch
+            self.failures.append(ItemFailure(_item_id(item), str(e)))
+            return False
+        if key in self._batch_keys:  # one item once per transaction
+            self.flush()
+        self._batch.append((item, chips))
+        self._batch_keys.add(key)
+        self._batch_rows += chips.num_rows
+        if self._batch_rows >= self.batch_chips or len(self._batch) >= self.batch_items:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write (or hand to the thread) what has been added so far."""
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_keys, self._batch_rows = self._batch, [], set(), 0
+        if self._queue is None:
+            self._write(batch)
+            return
+        self._raise_thread_error()
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        """Write the last batch and wait for the thread; re-raises a thread's crash."""
+        try:
+            self.flush()
+        finally:
+            if self._thread is not None and self._queue is not None:
+                self._queue.put(None)
+                self._thread.join()
+                self._thread = None
+        self._raise_thread_error()
+
+    def _raise_thread_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _drain(self, batches: queue.Queue[list[tuple[Mapping[str, Any], pa.Table]] | None]) -> None:
+        while (batch := batches.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so the producer never blocks on a dead thread
+            try:
+                self._write(batch)
+            except BaseException as e:  # handed to the caller by flush/close
+                self._error = e
+
+    def _write(self, batch: list[tuple[Mapping[str, Any], pa.Table]]) -> None:
+        kwargs = {
+            "chip_size": self.chip_size, "strict": self.strict, "on_conflict": self.on_conflict
+        }
+        try:
+            self.result.add(store_items(self.conn, batch, **kwargs))
+            return
+        except StacchipError as e:
+            if len(batch) == 1:
+                self.failures.append(ItemFailure(_item_id(batch[0][0]), str(e)))
+                return
+            log.debug("batch of %d items failed (%s); storing them one by one", len(batch), e)
+        for item, chips in batch:
+            try:
+                self.result.add(store_items(self.conn, [(item, chips)], **kwargs))
+            except StacchipError as e:
+                self.failures.append(ItemFailure(_item_id(item), str(e)))
