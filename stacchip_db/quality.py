@@ -48,17 +48,21 @@ class QualityError(StacchipError):
     """The quality band is missing, unreadable or does not fit the chip grid."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class QualityRule:
     """How to get per-pixel cloud/nodata codes for one kind of scene.
 
     `asset` is the key of the quality asset (None: no band, every fraction is 0); `classify`
     maps a 2D array of that band to uint8 codes of the same shape (bit 0 cloud, bit 1 nodata).
+    `pair_lut`, optional, is a fast path for uint8 bands: 65536 codes of two horizontally
+    adjacent pixels read as one uint16 (bits 0-1: their cloud count, bits 2-3: their nodata
+    count), which halves the lookups, the biggest cost of a Sentinel-2 index.
     """
 
     name: str
     asset: str | None
     classify: Callable[[np.ndarray], np.ndarray] | None
+    pair_lut: np.ndarray | None = None
 
 
 def lookup_classifier(lut: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -92,7 +96,13 @@ def class_rule(name: str, asset: str, *, nodata: set[int], cloud: set[int]) -> Q
     lut = np.zeros(256, dtype=np.uint8)
     lut[sorted(cloud)] |= CLOUD
     lut[sorted(nodata)] |= NODATA
-    return QualityRule(name, asset, lookup_classifier(lut))
+    pair = np.arange(2**16)
+    clouds = lut & CLOUD
+    nodatas = lut >> 1
+    pair_lut = (clouds[pair & 0xFF] + clouds[pair >> 8]) | (
+        (nodatas[pair & 0xFF] + nodatas[pair >> 8]) << 2
+    )
+    return QualityRule(name, asset, lookup_classifier(lut), pair_lut.astype(np.uint8))
 
 
 def bits_rule(name: str, asset: str, *, bits: int, code: Callable[[int], int]) -> QualityRule:
@@ -174,7 +184,7 @@ def resolve_rule(quality: str | QualityRule, item: Any) -> QualityRule:
 
 
 def band_fractions(
-    band: np.ndarray, classify: Callable[[np.ndarray], np.ndarray], ny: int, nx: int
+    band: np.ndarray, rule: QualityRule, ny: int, nx: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-chip `(cloud_fraction, nodata_fraction)`, float32 `(ny, nx)`, of a quality band.
 
@@ -184,17 +194,30 @@ def band_fractions(
     top of the band stays at one chip row, where classifying the whole band at once would
     double it and run slower.
     """
+    if rule.classify is None:
+        raise ValueError(f"quality rule {rule.name!r} has no classifier")
     cy, cx = band.shape[0] // ny, band.shape[1] // nx
     if (cy * ny, cx * nx) != band.shape:
         raise ValueError(f"band of shape {band.shape} does not split into {ny} x {nx} chips")
-    column_dtype = np.uint16 if cy < 2**16 else np.uint32
+    pairs = (
+        rule.pair_lut is not None
+        and band.dtype == np.uint8
+        and cx % 2 == 0
+        and band.strides[1] == 1
+        and band.strides[0] % 2 == 0
+    )
+    # codes: per pixel, bit 0 cloud and bit 1 nodata; per pair, 2-bit counts of each.
+    shift, per_code = (2, 2) if pairs else (1, 1)
+    low_bits = np.uint8((1 << shift) - 1)
+    column_dtype = np.uint16 if cy * per_code < 2**16 else np.uint32
     counts = np.empty((2, ny, nx), dtype=np.uint64)
     for row in range(ny):
-        codes = classify(band[row * cy : (row + 1) * cy])
-        for i, bits01 in enumerate((codes & CLOUD, codes >> 1)):
+        strip = band[row * cy : (row + 1) * cy]
+        codes = np.take(rule.pair_lut, strip.view(np.uint16)) if pairs else rule.classify(strip)
+        for i, part in enumerate((codes & low_bits, codes >> shift)):
             # Down the rows first (contiguous vertical adds vectorise well), then across.
-            columns = bits01.sum(axis=0, dtype=column_dtype)
-            counts[i, row] = columns.reshape(nx, cx).sum(axis=1, dtype=np.uint64)
+            columns = part.sum(axis=0, dtype=column_dtype)
+            counts[i, row] = columns.reshape(nx, cx // per_code).sum(axis=1, dtype=np.uint64)
     fractions = (counts / float(cy * cx)).astype(np.float32)
     return fractions[0], fractions[1]
 
@@ -264,6 +287,6 @@ def chip_fractions(
         )
     band = read_quality_band(grid, view.assets[rule.asset]["href"], asset=rule.asset)
     try:
-        return band_fractions(band, rule.classify, grid.y_size, grid.x_size)
+        return band_fractions(band, rule, grid.y_size, grid.x_size)
     except QualityError as e:
         raise QualityError(f"item {view.id}: asset {rule.asset!r}: {e}") from e

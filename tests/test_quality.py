@@ -20,8 +20,10 @@ from stacchip_db.quality import (
     S2_RULE,
     QualityError,
     QualityRule,
+    band_fractions,
     chip_fractions,
     nodata_value_rule,
+    read_quality_band,
     register_rule,
     resolve_rule,
 )
@@ -111,6 +113,18 @@ def test_synthetic_sentinel2_scene_matches_the_per_chip_reference(tmp_path: Path
     assert got.shape == (17, 17, 2)
     np.testing.assert_array_equal(got, expected)
     assert (got[..., 0] > 0).sum() > 10 and (got[..., 1] == 1).sum() > 10  # clouds, empty chips
+
+
+def test_pair_lookup_fast_path_equals_the_per_pixel_classifier(tmp_path: Path):
+    item = synthesize_item(load(S2), tmp_path, ["scl"], scale=5)  # SCL 1098 x 1098
+    grid = chip_grid(item, chip_size=128)
+    band = read_quality_band(grid, item["assets"]["scl"]["href"], asset="scl")
+    assert S2_RULE.pair_lut is not None and band.dtype == np.uint8
+    per_pixel = QualityRule("s2-slow", "scl", S2_RULE.classify)
+    fast = band_fractions(band, S2_RULE, grid.y_size, grid.x_size)
+    slow = band_fractions(band, per_pixel, grid.y_size, grid.x_size)
+    np.testing.assert_array_equal(np.stack(fast), np.stack(slow))
+    assert np.stack(fast).any()
 
 
 def test_landsat_qa_pixel_bits(tmp_path: Path):
