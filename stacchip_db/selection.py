@@ -1,0 +1,460 @@
+"""Which chips: filters, seeded samples and spatial-block splits, as calls to the SQL functions.
+
+The selection logic lives in SQL (`sql/010_selection.sql`: `stacchip.select_chips`,
+`stacchip.sample_chips`, `stacchip.sample_chips_stratified`) so psql, QGIS and Python users
+get the same chips as the CLI. This module turns a `ChipFilter` (and optionally a `Sampling`)
+into one call of those functions with named arguments, as psycopg SQL plus parameters, or as
+one pasteable string with the values inlined (`--sql`). Every query returns `CHIP_COLUMNS`.
+
+Other commands (prechip, stats, preview, map) build their selection here and wrap it:
+`SELECT … FROM ({selection.query}) AS chips`.
+
+Time bounds are half-open in SQL (`start_time <= datetime < end_time`); `parse_end` turns an
+inclusive user bound (a date: that whole day) into the exclusive one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import shapely
+from psycopg import sql
+from shapely.errors import GEOSException
+from shapely.geometry import shape
+
+from stacchip_db.errors import StacchipError
+
+CHIP_COLUMNS = (
+    "chip_id",
+    "collection",
+    "item_id",
+    "chip_size",
+    "chip_index_x",
+    "chip_index_y",
+    "datetime",
+    "cloud_fraction",
+    "nodata_fraction",
+    "geometry",
+)
+"""Columns of every selection, in this order (`geometry`: the footprint, EPSG:4326)."""
+
+CHIP_KEY = ("collection", "item_id", "chip_size", "chip_index_x", "chip_index_y")
+"""The primary key of `stacchip.chips`."""
+
+SPLITS = ("train", "val", "test")
+STRATA = ("collection", "year", "quarter", "cell")
+DEFAULT_BLOCK_SIZE = 1.0
+"""Degrees; a block is the unit that goes whole into one split."""
+DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+DEFAULT_CELL_SIZE = 1.0
+"""Degrees; the cell of `stratify_by='cell'`."""
+
+
+class SelectionError(StacchipError):
+    """A filter, sample or split parameter is invalid."""
+
+
+@dataclass(frozen=True)
+class ChipFilter:
+    """What chips to select; every field left at its default means "no filter".
+
+    `bbox` is (minx, miny, maxx, maxy) in degrees; `intersects` is WKT in EPSG:4326; `start` is
+    inclusive and `end` exclusive (see `parse_end`); fractions are 0..1. With `split`, only the
+    chips of that split; `split_buffer` (degrees, 0 = strict) drops chips whose footprint grown
+    by it crosses the edge of their block.
+    """
+
+    collections: tuple[str, ...] = ()
+    bbox: tuple[float, float, float, float] | None = None
+    intersects: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    months: tuple[int, ...] = ()
+    quarters: tuple[int, ...] = ()
+    max_cloud: float | None = None
+    max_nodata: float | None = None
+    chip_size: int | None = None
+    split: str | None = None
+    block_size: float = DEFAULT_BLOCK_SIZE
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
+    split_buffer: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.bbox is not None:
+            check_bbox(self.bbox)
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise SelectionError(f"{name} {value.isoformat()} has no time zone: add one (Z)")
+        if self.start and self.end and self.start >= self.end:
+            raise SelectionError(
+                f"the time range is empty: start {self.start.isoformat()} is not before "
+                f"end {self.end.isoformat()}"
+            )
+        _check_range("months", self.months, 1, 12)
+        _check_range("quarters", self.quarters, 1, 4)
+        for name in ("max_cloud", "max_nodata"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise SelectionError(
+                    f"{name} {value!r} is not a fraction between 0 and 1 (20% is 0.2)"
+                )
+        if self.chip_size is not None and self.chip_size <= 0:
+            raise SelectionError(f"chip size {self.chip_size} is not a positive number of pixels")
+        if self.split is not None and self.split not in SPLITS:
+            raise SelectionError(f"split {self.split!r} is not one of {', '.join(SPLITS)}")
+        _check_degrees("block size", self.block_size)
+        check_split_fractions(self.split_fractions)
+        if self.split_buffer is not None and not (
+            math.isfinite(self.split_buffer) and self.split_buffer >= 0
+        ):
+            raise SelectionError(f"split buffer {self.split_buffer!r} is not >= 0 degrees")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A reproducible sample of `n` chips without replacement, optionally stratified."""
+
+    n: int
+    seed: int = 0
+    stratify_by: str | None = None
+    cell_size: float = DEFAULT_CELL_SIZE
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise SelectionError(f"sample size {self.n} is negative")
+        if not -(2**63) <= self.seed < 2**63:
+            raise SelectionError(f"seed {self.seed} does not fit a 64-bit integer")
+        if self.stratify_by is not None and self.stratify_by not in STRATA:
+            raise SelectionError(
+                f"stratify by {self.stratify_by!r}: choose one of {', '.join(STRATA)}"
+            )
+        _check_degrees("cell size", self.cell_size)
+
+
+@dataclass(frozen=True)
+class SelectionQuery:
+    """One SELECT returning `CHIP_COLUMNS`: psycopg SQL with named placeholders, and values."""
+
+    query: sql.Composed
+    params: dict[str, Any] = field(default_factory=dict)
+    inlined: sql.Composed | None = None
+
+    def as_string(self) -> str:
+        """The query with every value inlined as a literal: paste it into psql or QGIS."""
+        if self.inlined is None:
+            raise SelectionError("this query was built without its inlined form")
+        return self.inlined.as_string(None)
+
+
+# -- building the call ------------------------------------------------------------------------
+
+# (SQL parameter name, SQL type) for each filter argument, in the functions' order.
+_FILTER_ARGUMENTS = (
+    ("collections", "text[]"),
+    ("bbox", "float8[]"),
+    ("intersects", "geometry"),
+    ("start_time", "timestamptz"),
+    ("end_time", "timestamptz"),
+    ("months", "int[]"),
+    ("quarters", "int[]"),
+    ("max_cloud", "real"),
+    ("max_nodata", "real"),
+    ("chip_size", "int"),
+    ("split", "text"),
+    ("block_size", "float8"),
+    ("split_fractions", "float8[]"),
+    ("split_buffer", "float8"),
+)
+_TYPES = dict(_FILTER_ARGUMENTS) | {
+    "n": "int", "seed": "bigint", "stratify_by": "text", "cell_size": "float8"
+}
+
+
+def _filter_values(chip_filter: ChipFilter) -> dict[str, Any]:
+    """The SQL arguments this filter sets (unset ones are left to the functions' defaults)."""
+    f = chip_filter
+    values: dict[str, Any] = {
+        "collections": list(f.collections) or None,
+        "bbox": [float(v) for v in f.bbox] if f.bbox else None,
+        "intersects": f.intersects,
+        "start_time": f.start,
+        "end_time": f.end,
+        "months": list(f.months) or None,
+        "quarters": list(f.quarters) or None,
+        "max_cloud": f.max_cloud,
+        "max_nodata": f.max_nodata,
+        "chip_size": f.chip_size,
+        "split": f.split,
+    }
+    if f.split is not None or f.split_buffer is not None:
+        values["block_size"] = float(f.block_size)
+        if f.split_fractions != DEFAULT_SPLIT_FRACTIONS:
+            values["split_fractions"] = [float(v) for v in f.split_fractions]
+        values["split_buffer"] = f.split_buffer
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def build_selection(
+    chip_filter: ChipFilter,
+    sampling: Sampling | None = None,
+    *,
+    limit: int | None = None,
+) -> SelectionQuery:
+    """The SELECT for these chips: `stacchip.select_chips(...)` in chip-key order, or a sample.
+
+    A sample comes in sampling order (its first k rows are the sample of k with that seed).
+    `limit` cuts the result; with a sample, prefer a smaller `n`, which is cheaper.
+    """
+    if limit is not None and limit < 0:
+        raise SelectionError(f"limit {limit} is negative")
+    arguments = _filter_values(chip_filter)
+    if sampling is None:
+        function = "select_chips"
+        order = sql.SQL("\nORDER BY {}").format(sql.SQL(", ").join(map(sql.Identifier, CHIP_KEY)))
+    else:
+        head: dict[str, Any] = {"n": sampling.n, "seed": sampling.seed}
+        if sampling.stratify_by is not None:
+            function = "sample_chips_stratified"
+            head |= {"stratify_by": sampling.stratify_by, "cell_size": sampling.cell_size}
+        else:
+            function = "sample_chips"
+        arguments = head | arguments
+        order = sql.SQL("")
+    tail = sql.SQL("\nLIMIT {}").format(sql.Literal(limit)) if limit is not None else sql.SQL("")
+
+    def call(value_of: Any) -> sql.Composed:
+        args = [
+            sql.SQL("ST_GeomFromText({}, 4326)").format(value_of(name, value))
+            if name == "intersects"
+            else value_of(name, value)
+            for name, value in arguments.items()
+        ]
+        return sql.SQL("SELECT {}\nFROM stacchip.{}(\n    {}\n){}{}").format(
+            sql.SQL(", ".join(CHIP_COLUMNS)),
+            sql.SQL(function),
+            sql.SQL(",\n    ").join(
+                sql.SQL("{} => {}").format(sql.SQL(name), arg)
+                for name, arg in zip(arguments, args, strict=True)
+            ),
+            order,
+            tail,
+        )
+
+    def placeholder(name: str, _value: Any) -> sql.Composable:
+        if name == "intersects":
+            return sql.Placeholder(name)
+        return sql.SQL("{}::{}").format(sql.Placeholder(name), sql.SQL(_TYPES[name]))
+
+    def literal(name: str, value: Any) -> sql.Composable:
+        # psycopg writes some literals with a cast already ('…'::timestamptz); add ours if not.
+        text = sql.Literal(value).as_string(None)
+        if name != "intersects" and not text.endswith(f"::{_TYPES[name]}"):
+            text = f"{text}::{_TYPES[name]}"
+        return sql.SQL(text)
+
+    return SelectionQuery(
+        query=call(placeholder), params=dict(arguments), inlined=call(literal)
+    )
+
+
+def execute_selection(conn: psycopg.Connection, selection: SelectionQuery) -> psycopg.Cursor:
+    """Run the selection; the caller fetches. Never a prepared statement: its generic plan
+    would not see which filters are unset (they fold away only with the values known)."""
+    return conn.execute(selection.query, selection.params, prepare=False)
+
+
+def fetch_chips(conn: psycopg.Connection, selection: SelectionQuery) -> pa.Table:
+    """The selected chips as an Arrow table; `geometry` is ISO WKB (EPSG:4326)."""
+    rows = execute_selection(conn, selection).fetchall()
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(CHIP_COLUMNS)
+    wkb = shapely.to_wkb(shapely.from_wkb(list(columns[-1])), flavor="iso", include_srid=False)
+    return pa.table(
+        {
+            "chip_id": pa.array(columns[0], pa.string()),
+            "collection": pa.array(columns[1], pa.string()),
+            "item_id": pa.array(columns[2], pa.string()),
+            "chip_size": pa.array(columns[3], pa.int32()),
+            "chip_index_x": pa.array(columns[4], pa.int32()),
+            "chip_index_y": pa.array(columns[5], pa.int32()),
+            "datetime": pa.array(columns[6], pa.timestamp("us", tz="UTC")),
+            "cloud_fraction": pa.array(columns[7], pa.float32()),
+            "nodata_fraction": pa.array(columns[8], pa.float32()),
+            "geometry": pa.array(list(wkb), pa.binary()),
+        }
+    )
+
+
+# -- parsing user input (shared by the CLI options and Python callers) ------------------------
+
+
+def check_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) in degrees, checked."""
+    if len(bbox) != 4:
+        raise SelectionError(f"a bbox has 4 numbers minx,miny,maxx,maxy, not {len(bbox)}")
+    minx, miny, maxx, maxy = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (minx, miny, maxx, maxy)):
+        raise SelectionError("bbox values must be finite numbers")
+    if not (-180 <= minx <= 180 and -180 <= maxx <= 180 and -90 <= miny <= 90
+            and -90 <= maxy <= 90):
+        raise SelectionError(
+            f"bbox {minx},{miny},{maxx},{maxy} is not in degrees (lon -180..180, lat -90..90)"
+        )
+    if minx > maxx or miny > maxy:
+        raise SelectionError(
+            f"bbox {minx},{miny},{maxx},{maxy} has min > max: give minx,miny,maxx,maxy "
+            "(split a box across the antimeridian into two queries)"
+        )
+    return minx, miny, maxx, maxy
+
+
+def parse_bbox(text: str) -> tuple[float, float, float, float]:
+    """`minx,miny,maxx,maxy` (degrees) -> a checked tuple."""
+    try:
+        values = [float(part) for part in text.replace(" ", "").split(",")]
+    except ValueError as exc:
+        raise SelectionError(
+            f"bbox {text!r} is not four numbers minx,miny,maxx,maxy (degrees)"
+        ) from exc
+    return check_bbox(values)
+
+
+def _parse_instant(text: str) -> tuple[datetime, bool]:
+    """An ISO date or datetime (naive = UTC); the flag says whether it was a date alone."""
+    value = text.strip()
+    try:
+        if len(value) == 4 and value.isdigit():  # a year alone
+            return datetime(int(value), 1, 1, tzinfo=UTC), True
+        if len(value) <= 10:
+            day = date.fromisoformat(value)
+            return datetime.combine(day, time(), tzinfo=UTC), True
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise SelectionError(
+            f"{text!r} is not a date or datetime (2021-06-30, 2021-06-30T12:00:00Z, 2021)"
+        ) from exc
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)), False
+
+
+def parse_start(text: str) -> datetime:
+    """An inclusive lower bound: a year, a date (from its midnight, UTC) or a datetime."""
+    return _parse_instant(text)[0]
+
+
+def parse_end(text: str) -> datetime:
+    """An inclusive upper bound, returned exclusive: a year or date includes all of it."""
+    moment, whole = _parse_instant(text)
+    value = text.strip()
+    if whole and len(value) == 4:
+        return moment.replace(year=moment.year + 1)
+    return moment + (timedelta(days=1) if whole else timedelta(microseconds=1))
+
+
+def parse_interval(text: str) -> tuple[datetime | None, datetime | None]:
+    """A STAC-style interval `START/END` (either end `..` or empty = open), or one date/year."""
+    if "/" not in text:
+        return parse_start(text), parse_end(text)
+    start_text, _, end_text = text.partition("/")
+    start = None if start_text.strip() in ("", "..") else parse_start(start_text)
+    end = None if end_text.strip() in ("", "..") else parse_end(end_text)
+    if start is None and end is None:
+        raise SelectionError(f"interval {text!r} is open at both ends: give a start or an end")
+    return start, end
+
+
+def parse_int_list(text: str, what: str, low: int, high: int) -> tuple[int, ...]:
+    """`6,7,8` -> (6, 7, 8), each within low..high."""
+    try:
+        values = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError as exc:
+        raise SelectionError(f"{what} {text!r} is not a comma-separated list of numbers") from exc
+    if not values:
+        raise SelectionError(f"{what} is empty: give numbers {low}-{high}")
+    _check_range(what, values, low, high)
+    return values
+
+
+def parse_split_fractions(text: str) -> tuple[float, float, float]:
+    """`0.8,0.1,0.1` -> train, val, test fractions (non-negative, summing to 1)."""
+    try:
+        values = tuple(float(part) for part in text.replace(" ", "").split(","))
+    except ValueError as exc:
+        raise SelectionError(f"split fractions {text!r} are not three numbers") from exc
+    return check_split_fractions(values)
+
+
+def check_split_fractions(values: Sequence[float]) -> tuple[float, float, float]:
+    if len(values) != 3:
+        raise SelectionError(
+            f"split fractions need three numbers train,val,test, not {len(values)}"
+        )
+    if any(not math.isfinite(v) or v < 0 for v in values) or not math.isclose(
+        sum(values), 1.0, abs_tol=1e-9
+    ):
+        raise SelectionError(
+            f"split fractions {','.join(map(str, values))} must be >= 0 and sum to 1 "
+            "(e.g. 0.8,0.1,0.1)"
+        )
+    return float(values[0]), float(values[1]), float(values[2])
+
+
+def read_geometry(path: str | Path) -> str:
+    """The union of the geometries in a file, as WKT in EPSG:4326.
+
+    `.wkt`/`.txt`: WKT in lon/lat. `.json`/`.geojson`: a GeoJSON geometry, Feature or
+    FeatureCollection (lon/lat by RFC 7946). Anything else geopandas reads (GeoPackage,
+    FlatGeobuf, Shapefile…) is reprojected from its own CRS.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise SelectionError(f"geometry file {source} does not exist")
+    suffix = source.suffix.lower()
+    try:
+        if suffix in (".wkt", ".txt"):
+            geometry = shapely.from_wkt(source.read_text().strip())
+        elif suffix in (".json", ".geojson"):
+            geometry = _geojson_geometry(json.loads(source.read_text()))
+        else:
+            import geopandas  # only here: a second of import time the other paths do not pay
+
+            frame = geopandas.read_file(source)
+            if frame.crs is not None:
+                frame = frame.to_crs(4326)
+            geometry = shapely.union_all(frame.geometry.values)
+    except (GEOSException, ValueError, KeyError, TypeError, OSError) as exc:
+        raise SelectionError(
+            f"geometry file {source} could not be read ({str(exc).splitlines()[0]}): give WKT, "
+            "GeoJSON or a vector file geopandas reads"
+        ) from exc
+    if geometry is None or geometry.is_empty:
+        raise SelectionError(f"geometry file {source} holds no geometry")
+    return shapely.to_wkt(geometry, rounding_precision=-1)
+
+
+def _geojson_geometry(document: dict[str, Any]) -> shapely.Geometry:
+    kind = document.get("type")
+    if kind == "FeatureCollection":
+        shapes = [_geojson_geometry(f) for f in document.get("features", [])]
+        return shapely.union_all(shapes) if shapes else None
+    if kind == "Feature":
+        return shape(document["geometry"])
+    return shape(document)
+
+
+def _check_range(what: str, values: Sequence[int], low: int, high: int) -> None:
+    bad = [v for v in values if not low <= v <= high]
+    if bad:
+        raise SelectionError(f"{what} {bad[0]} is out of range: give numbers {low}-{high}")
+
+
+def _check_degrees(what: str, value: float) -> None:
+    if not (math.isfinite(value) and 0 < value <= 360):
+        raise SelectionError(f"{what} {value!r} is not a positive number of degrees (<= 360)")
