@@ -70,5 +70,9 @@ def _register() -> None:
 
     main.add_command(db.db)
 
+    from stacchip_db.cli import prechip
+
+    main.add_command(prechip.prechip)
+
 
 _register()

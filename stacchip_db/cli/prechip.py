@@ -1,0 +1,198 @@
+"""`stacchip-db prechip`: export selected chips as npz cubes; the chip-source options it shares
+with `stats`, `preview` and `map`."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from stacchip_db.cli.options import CliContext, with_database
+from stacchip_db.dataset import STATEMENT_TIMEOUT_S, ChipSelection, load_selection
+from stacchip_db.db import Database
+from stacchip_db.errors import ConfigError
+from stacchip_db.reader import PLATFORMS
+
+EXIT_CHIPS_FAILED = 3
+"""Exit status of an export that finished but left out chips it could not read."""
+
+
+def chip_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`--query SQL` and `--statement-timeout`: where a command's chips come from."""
+
+    @click.option(
+        "--query",
+        metavar="SQL",
+        help="A SELECT returning at least collection, item_id, chip_size, chip_index_x, "
+        "chip_index_y; run read-only.",
+    )
+    @click.option(
+        "--statement-timeout",
+        type=click.FloatRange(min=0.001),
+        default=STATEMENT_TIMEOUT_S,
+        show_default=True,
+        metavar="SECONDS",
+        help="Time limit of the query.",
+    )
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def select(db: Database, query: str | None, statement_timeout: float) -> ChipSelection:
+    """The chips the command's options select."""
+    if query is None:
+        raise ConfigError("no chips selected: pass --query SQL")
+    return load_selection(db.url, query, statement_timeout_s=statement_timeout)
+
+
+def band_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`--bands` and `--platform`: which bands, in which order."""
+
+    @click.option(
+        "--bands",
+        callback=lambda _ctx, _param, value: (
+            [b.strip() for b in value.split(",") if b.strip()] if value else None
+        ),
+        metavar="B1,B2,…",
+        help="Bands in cube order (default: the platform's).",
+    )
+    @click.option(
+        "--platform",
+        type=click.Choice(list(PLATFORMS)),
+        help="Band order of this platform (default: from the collection id).",
+    )
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def quiet() -> bool:
+    """True under `stacchip-db -q`."""
+    cli = click.get_current_context().find_object(CliContext)
+    return bool(cli and cli.quiet)
+
+
+class ChipProgress:
+    """A progress bar on stderr counting chips, with the rate; silent under -q."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self.label = label
+        self.quiet = quiet
+        self.bar: Any = None
+        self.done = 0
+        self.started = time.perf_counter()
+
+    def start(self, total: int) -> None:
+        if self.quiet or total == 0:
+            return
+        self.bar = click.progressbar(
+            length=total,
+            label=self.label,
+            file=sys.stderr,
+            show_pos=True,
+            item_show_func=lambda _: self._rate(),
+        )
+        self.bar.__enter__()
+
+    def _rate(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        return f"{self.done / elapsed:.1f} chips/s" if elapsed > 0 else ""
+
+    def advance(self, chips: int) -> None:
+        self.done += chips
+        if self.bar is not None:
+            self.bar.update(chips, current_item=self.done)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@click.command()
+@chip_source_options
+@click.option("--out", required=True, metavar="DIR|s3://…", help="Where the cubes go.")
+@click.option(
+    "--cube-size",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Chips per cube.",
+)
+@band_options
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes reading chips.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Concurrent reads per item (default: 1 for local files, 32 for remote ones).",
+)
+@click.option("--shard", metavar="I/N", help="Write only part I of N (0-based), by cube.")
+@click.option(
+    "--shard-count",
+    type=click.IntRange(min=1),
+    help="N when the part comes from AWS_BATCH_JOB_ARRAY_INDEX (default: "
+    "AWS_BATCH_JOB_ARRAY_SIZE).",
+)
+@click.option("--keep-partial", is_flag=True, help="Also write the last, partial cube.")
+@click.option("--compress", is_flag=True, help="Deflate the npz files (smaller, slower).")
+@with_database
+def prechip(
+    db: Database,
+    query: str | None,
+    statement_timeout: float,
+    out: str,
+    cube_size: int,
+    bands: list[str] | None,
+    platform: str | None,
+    jobs: int,
+    threads: int | None,
+    shard: str | None,
+    shard_count: int | None,
+    keep_partial: bool,
+    compress: bool,
+) -> None:
+    """Export the selected chips as npz cubes (Clay format) with a manifest.
+
+    Exit status 3 when some chips could not be read (they are named on stderr and left out).
+    """
+    from stacchip_db.prechip import export_cubes, shard_from_options
+
+    part = shard_from_options(shard, shard_count)
+    selection = select(db, query, statement_timeout)
+    progress = ChipProgress("prechip", quiet())
+    try:
+        summary = export_cubes(
+            selection,
+            out,
+            cube_size=cube_size,
+            bands=bands,
+            platform=platform,
+            jobs=jobs,
+            lanes=threads,
+            shard=part,
+            keep_partial=keep_partial,
+            compress=compress,
+            progress=progress.advance,
+            on_plan=progress.start,
+        )
+    finally:
+        progress.finish()
+    where = f" (shard {part.index}/{part.count})" if part else ""
+    click.echo(f"{summary.describe()}{where}; output in {out}")
+    if summary.failed:
+        click.get_current_context().exit(EXIT_CHIPS_FAILED)

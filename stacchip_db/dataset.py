@@ -1,0 +1,380 @@
+"""Selected chips with their STAC items, and `ChipDataset`, the map-style reader over them.
+
+`load_selection` is how every exporter (prechip, stats, pictures, ChipDataset) gets its chips:
+
+- the user's SQL runs in a READ ONLY transaction with a statement timeout, through a
+  server-side cursor (`DECLARE … CURSOR FOR <query>`): PostgreSQL then accepts exactly one
+  SELECT (or VALUES) and refuses `DELETE …`, `UPDATE …` and `SELECT …; DROP …` before running
+  anything, and the read-only transaction refuses writes hidden in functions;
+- the query must return the chip key columns (`KEY_COLUMNS`); the rest of each chip's row
+  (datetime, fractions, footprint) is looked up in `stacchip.chips`;
+- each distinct item is read once, from pgstac with its own `get_item`, in one statement.
+
+The Clay cube metadata (lat/lon of the footprint centre, ISO week, hour of day as sin/cos
+pairs) is computed here, vectorised, for prechip and the dataset alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import psycopg
+import shapely
+from psycopg import sql
+
+from stacchip_db.db import connect, translate_errors
+from stacchip_db.errors import DatabaseError, StacchipError
+from stacchip_db.index import item_datetime
+from stacchip_db.reader import (
+    DATASETS,
+    AssetRead,
+    Platform,
+    plan_reads,
+    platform_for,
+    read_chip,
+)
+
+KEY_COLUMNS = ("collection", "item_id", "chip_size", "chip_index_x", "chip_index_y")
+"""Columns a chip query must return: the key of `stacchip.chips`."""
+
+STATEMENT_TIMEOUT_S = 300.0
+"""Default time limit of a user's chip query."""
+
+
+class QueryError(StacchipError):
+    """A chip query was refused, failed, or does not return the chip key columns."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChipRow:
+    """One selected chip: its key and its `stacchip.chips` row (footprint as WKB)."""
+
+    collection: str
+    item_id: str
+    chip_size: int
+    chip_index_x: int
+    chip_index_y: int
+    datetime: datetime
+    cloud_fraction: float
+    nodata_fraction: float
+    geometry: bytes
+
+    @property
+    def chip_id(self) -> str:
+        """`{item_id}-{x}-{y}`, the chip id users see (the original stacchip's `chipid`)."""
+        return f"{self.item_id}-{self.chip_index_x}-{self.chip_index_y}"
+
+    @property
+    def item_key(self) -> tuple[str, str]:
+        return self.collection, self.item_id
+
+
+@dataclass
+class ChipSelection:
+    """Chips in the query's order, and their items by `(collection, item_id)`."""
+
+    rows: list[ChipRow]
+    items: dict[tuple[str, str], dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _as_sql(query: Any) -> tuple[sql.Composable, Any]:
+    """`(statement, params)` for a SQL string, a psycopg Composable or a filter object.
+
+    A filter object (the selection module's ChipFilter) gives its SELECT through
+    `to_sql()` -> `(sql, params)`.
+    """
+    if isinstance(query, str):
+        if not query.strip():
+            raise QueryError("--query is empty; pass a SELECT returning the chip key columns")
+        return sql.SQL(query.strip().rstrip(";")), None  # type: ignore[arg-type]
+    if isinstance(query, sql.Composable):
+        return query, None
+    to_sql = getattr(query, "to_sql", None)
+    if to_sql is None:
+        raise QueryError(f"cannot select chips from a {type(query).__name__}; pass SQL")
+    statement, params = to_sql()
+    return (sql.SQL(statement) if isinstance(statement, str) else statement), params
+
+
+def load_selection(
+    database_url: str,
+    query: Any,
+    params: Any = None,
+    *,
+    statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+) -> ChipSelection:
+    """Run a chip query read-only; return its chips (query order) and their STAC items.
+
+    Raises QueryError (one line) when the database refuses or fails the query, or when it
+    does not return the `KEY_COLUMNS`, or returns chips that are not in `stacchip.chips`.
+    """
+    statement, built_params = _as_sql(query)
+    params = params if params is not None else built_params
+    if statement_timeout_s <= 0:
+        raise QueryError(f"statement timeout {statement_timeout_s} s is not positive")
+    with connect(database_url) as conn:
+        conn.read_only = True
+        try:
+            with conn.transaction():
+                conn.execute(
+                    "SELECT set_config('statement_timeout', %s, true), "
+                    "set_config('search_path', 'pgstac, public', true)",
+                    (f"{int(statement_timeout_s * 1000)}ms",),
+                )
+                keys = _run_user_query(conn, statement, params)
+                with translate_errors("reading the selected chips"):
+                    rows = _chip_rows(conn, keys)
+                    items = _items(conn, sorted({r.item_key for r in rows}))
+        except psycopg.errors.QueryCanceled as exc:
+            raise QueryError(
+                f"--query was cancelled after the statement timeout of {statement_timeout_s:g} "
+                "s; make it cheaper or raise --statement-timeout"
+            ) from exc
+    return ChipSelection(rows, items)
+
+
+def _run_user_query(
+    conn: psycopg.Connection, statement: sql.Composable, params: Any
+) -> list[tuple[str, str, int, int, int]]:
+    try:
+        with conn.cursor(name="stacchip_chip_query") as cur:
+            cur.execute(statement, params)
+            columns = [d.name for d in cur.description or []]
+            missing = [c for c in KEY_COLUMNS if c not in columns]
+            if missing:
+                raise QueryError(
+                    f"--query does not return the chip key column(s) {', '.join(missing)} "
+                    f"(it returns {', '.join(columns) or 'nothing'}); select "
+                    f"{', '.join(KEY_COLUMNS)}"
+                )
+            where = [columns.index(c) for c in KEY_COLUMNS]
+            return [tuple(row[i] for i in where) for row in cur]  # type: ignore[misc]
+    except psycopg.errors.QueryCanceled:
+        raise
+    except psycopg.errors.ReadOnlySqlTransaction as exc:
+        raise QueryError(
+            f"--query tried to write, and chip queries are read-only: {_first_line(exc)}"
+        ) from exc
+    except psycopg.Error as exc:
+        raise QueryError(
+            f"--query must be one read-only SELECT returning {', '.join(KEY_COLUMNS)}; "
+            f"the database refused it: {_first_line(exc)}"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _chip_rows(
+    conn: psycopg.Connection, keys: list[tuple[str, str, int, int, int]]
+) -> list[ChipRow]:
+    """The `stacchip.chips` rows of `keys`, in the same order (one statement)."""
+    if not keys:
+        return []
+    columns = list(zip(*keys, strict=True))
+    found = conn.execute(
+        "SELECT k.n, c.collection, c.item_id, c.chip_size, c.chip_index_x, c.chip_index_y, "
+        "c.datetime, c.cloud_fraction, c.nodata_fraction, ST_AsBinary(c.geometry) "
+        "FROM unnest(%s::text[], %s::text[], %s::int[], %s::int[], %s::int[]) "
+        "WITH ORDINALITY AS k (collection, item_id, chip_size, x, y, n) "
+        "JOIN stacchip.chips c ON c.collection = k.collection AND c.item_id = k.item_id "
+        "AND c.chip_size = k.chip_size AND c.chip_index_x = k.x AND c.chip_index_y = k.y "
+        "ORDER BY k.n",
+        [list(c) for c in columns],
+    ).fetchall()
+    if len(found) != len(keys):
+        present = {row[0] for row in found}
+        first = next(k for n, k in enumerate(keys, start=1) if n not in present)
+        raise QueryError(
+            f"--query returned {len(keys) - len(found)} chip(s) that are not in stacchip.chips, "
+            f"e.g. {first[1]}-{first[3]}-{first[4]} of {first[0]} at chip size {first[2]}; "
+            "select chips from stacchip.chips"
+        )
+    return [
+        ChipRow(r[1], r[2], r[3], r[4], r[5], r[6], float(r[7]), float(r[8]), bytes(r[9]))
+        for r in found
+    ]
+
+
+def _items(
+    conn: psycopg.Connection, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Items by `(collection, item_id)`, each read once through `pgstac.get_item`."""
+    if not keys:
+        return {}
+    collections, ids = (list(c) for c in zip(*keys, strict=True))
+    rows = conn.execute(
+        "SELECT t.c, t.i, pgstac.get_item(t.i, t.c) "
+        "FROM unnest(%s::text[], %s::text[]) AS t (c, i)",
+        [collections, ids],
+    ).fetchall()
+    items = {(c, i): item for c, i, item in rows if item is not None}
+    missing = [k for k in keys if k not in items]
+    if missing:
+        raise DatabaseError(
+            f"{len(missing)} item(s) of the selected chips are not in pgstac, e.g. "
+            f"{missing[0][1]} of {missing[0][0]}; re-index them (stacchip-db index)"
+        )
+    return items
+
+
+# -- Clay metadata ------------------------------------------------------------------------------
+
+
+def footprint_centres(geometries: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """`(lon, lat)` in degrees of the footprints' centroids (WKB in EPSG:4326)."""
+    shapes = shapely.from_wkb(np.asarray(geometries, dtype=object))
+    centres = shapely.centroid(shapes)
+    return shapely.get_x(centres), shapely.get_y(centres)
+
+
+def sin_cos(radians: np.ndarray) -> np.ndarray:
+    """float32 `(N, 2)` of `(sin, cos)`."""
+    radians = np.asarray(radians, dtype=np.float64)
+    return np.stack([np.sin(radians), np.cos(radians)], axis=-1).astype(np.float32)
+
+
+def item_time(item: dict[str, Any]) -> tuple[int, float]:
+    """`(ISO week, hour of day in UTC)` of an item; 12:00 when its date carries no time."""
+    when = item_datetime(item)
+    raw = item.get("properties", {}).get("datetime") or item["properties"].get("start_datetime")
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    hour = float(when.hour) if "T" in str(raw) else 12.0
+    return when.isocalendar().week, hour
+
+
+def clay_norms(
+    rows: Sequence[ChipRow], items: dict[tuple[str, str], dict[str, Any]]
+) -> dict[str, np.ndarray]:
+    """`lat_norm`, `lon_norm`, `week_norm`, `hour_norm` of `rows`, each float32 `(N, 2)`.
+
+    lat/lon of the footprint centre in radians; week × 2π/52; hour × 2π/24 (the item's time).
+    """
+    lon, lat = footprint_centres([r.geometry for r in rows])
+    times = {key: item_time(items[key]) for key in {r.item_key for r in rows}}
+    week = np.array([times[r.item_key][0] for r in rows], dtype=np.float64)
+    hour = np.array([times[r.item_key][1] for r in rows], dtype=np.float64)
+    return {
+        "lat_norm": sin_cos(np.radians(lat)),
+        "lon_norm": sin_cos(np.radians(lon)),
+        "week_norm": sin_cos(week * 2 * math.pi / 52),
+        "hour_norm": sin_cos(hour * 2 * math.pi / 24),
+    }
+
+
+def bands_for(collection: str, bands: Sequence[str] | None, platform: str | None) -> list[str]:
+    """The bands to read for a collection: `bands`, else its platform's band order."""
+    if bands:
+        return list(bands)
+    return list(platform_for(collection, platform).bands)
+
+
+def platform_or_none(collection: str, platform: str | None) -> Platform | None:
+    """The collection's platform, or None when it is unknown (only --bands can say then)."""
+    try:
+        return platform_for(collection, platform)
+    except StacchipError:
+        if platform is not None:
+            raise
+        return None
+
+
+# -- ChipDataset --------------------------------------------------------------------------------
+
+
+class ChipDataset:
+    """A map-style dataset over the chips a query selects (`len`, `[i]` -> dict).
+
+    Works with a PyTorch `DataLoader` without importing torch: `[i]` returns numpy arrays
+    (the default collate turns them into tensors). Picklable: it holds the selected rows and
+    their items, no connection and no open file; each worker process opens the COGs it needs on
+    first use and keeps them open (`reader.DATASETS`, keyed by href).
+
+    `query` is SQL (or a ChipFilter) returning the chip key columns; `bands`/`platform` as in
+    prechip. Items of `[i]`: `pixels` float32 `(C, H, W)`, `bands`, `chip_id`, `collection`,
+    `item_id`, `chip_index_x`, `chip_index_y`, `chip_size`, `datetime` (ISO 8601), `lon`, `lat`
+    (footprint centre, degrees), `cloud_fraction`, `nodata_fraction`, and the Clay metadata
+    `lat_norm`, `lon_norm`, `week_norm`, `hour_norm` (float32 `(2,)`).
+    """
+
+    def __init__(
+        self,
+        query: Any,
+        *,
+        database_url: str | None = None,
+        params: Any = None,
+        bands: Sequence[str] | None = None,
+        platform: str | None = None,
+        statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+    ) -> None:
+        if database_url is None:
+            from stacchip_db.config import Settings
+            from stacchip_db.db import resolve_url
+
+            database_url = resolve_url(Settings.from_env())
+        selection = load_selection(
+            database_url, query, params, statement_timeout_s=statement_timeout_s
+        )
+        self.rows = selection.rows
+        self.items = selection.items
+        self._bands = {c: bands_for(c, bands, platform) for c in {r.collection for r in self.rows}}
+        self._norms = clay_norms(self.rows, self.items) if self.rows else {}
+        self._lon, self._lat = (
+            footprint_centres([r.geometry for r in self.rows]) if self.rows else ([], [])
+        )
+        self._reads: dict[tuple[str, str], list[AssetRead]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self.rows) <= index < len(self.rows):
+            raise IndexError(f"chip {index} of a dataset of {len(self.rows)}")
+        index %= len(self.rows)
+        row = self.rows[index]
+        item = self.items[row.item_key]
+        bands = self._bands[row.collection]
+        reads = self._reads.get(row.item_key)
+        if reads is None:
+            reads = self._reads[row.item_key] = plan_reads(item, bands)
+        pixels = read_chip(
+            item,
+            row.chip_index_x,
+            row.chip_index_y,
+            bands,
+            chip_size=row.chip_size,
+            cache=DATASETS,
+            reads=reads,
+        )
+        return {
+            "pixels": pixels.astype(np.float32, copy=False),
+            "bands": bands,
+            "chip_id": row.chip_id,
+            "collection": row.collection,
+            "item_id": row.item_id,
+            "chip_index_x": row.chip_index_x,
+            "chip_index_y": row.chip_index_y,
+            "chip_size": row.chip_size,
+            "datetime": row.datetime.isoformat(),
+            "lon": float(self._lon[index]),
+            "lat": float(self._lat[index]),
+            "cloud_fraction": row.cloud_fraction,
+            "nodata_fraction": row.nodata_fraction,
+            **{name: values[index] for name, values in self._norms.items()},
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_reads"] = {}  # cheap to rebuild, and per process
+        return state

@@ -1,0 +1,535 @@
+"""prechip: the chips a query selects, as npz cubes in the Clay model's training format.
+
+The plan, deterministic for a given selection (so Batch array jobs agree on it):
+
+1. chips are sorted by key (collection, item, chip size, y, x), so the chips of an item are
+   neighbours and the result does not depend on the query's row order or plan;
+2. each collection's chips are cut into cubes of `cube_size` (`cube_{k}.npz`, k from 0); the
+   last, partial cube is dropped unless `keep_partial`;
+3. `shard` I/N takes the I-th of N contiguous runs of cubes (cubes, not chips, so shards never
+   write the same file);
+4. each cube's chips are grouped by item into read tasks (split so that `jobs` workers share a
+   single-item cube); a task opens each asset once and reads only its chips' windows
+   (`reader.read_item_chips`); tasks run in `jobs` worker processes;
+5. a cube is written when all its tasks are back; a chip that could not be read is logged and
+   left out of its cube, and counted in the summary.
+
+Cube contents (ARCHITECTURE.md): `pixels` float32 `(N, C, H, W)` in the platform's band order,
+`lat_norm`, `lon_norm`, `week_norm`, `hour_norm` float32 `(N, 2)`. Beside the cubes,
+`manifest.parquet` lists per cube and row the chip id, item, x, y, datetime and footprint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stacchip_db.dataset import ChipRow, ChipSelection, bands_for, clay_norms
+from stacchip_db.errors import ConfigError, StacchipError
+from stacchip_db.reader import ChipFailure, read_item_chips
+
+log = logging.getLogger(__name__)
+
+CUBE_SIZE = 128
+"""Chips per cube (the Clay model's training batches)."""
+
+BATCH_INDEX_ENV = "AWS_BATCH_JOB_ARRAY_INDEX"
+BATCH_SIZE_ENV = "AWS_BATCH_JOB_ARRAY_SIZE"
+
+
+class PrechipError(StacchipError):
+    """The export cannot run as asked (mixed chip sizes, bad shard, unwritable output)."""
+
+
+# -- shards -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part `index` (0-based) of `count` equal parts of the work."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`I/N` -> Shard(I, N), checked."""
+        try:
+            index, count = (int(v) for v in text.split("/"))
+        except ValueError as e:
+            raise ConfigError(f"--shard {text!r} is not I/N (e.g. 0/4)") from e
+        return cls.checked(index, count, f"--shard {text}")
+
+    @classmethod
+    def checked(cls, index: int, count: int, what: str) -> Shard:
+        if count < 1 or not 0 <= index < count:
+            raise ConfigError(f"{what}: need 0 <= I < N and N >= 1 (got I={index}, N={count})")
+        return cls(index, count)
+
+    def part(self, n: int) -> range:
+        """Positions `[i*n//N, (i+1)*n//N)` of this shard among `n` things."""
+        return range(self.index * n // self.count, (self.index + 1) * n // self.count)
+
+
+def shard_from_options(
+    shard: str | None, shard_count: int | None, environ: dict[str, str] | None = None
+) -> Shard | None:
+    """The shard from `--shard I/N`, else from `AWS_BATCH_JOB_ARRAY_INDEX` (N from
+    `--shard-count` or `AWS_BATCH_JOB_ARRAY_SIZE`); None when neither is set."""
+    environ = os.environ if environ is None else environ
+    if shard is not None:
+        return Shard.parse(shard)
+    index_text = environ.get(BATCH_INDEX_ENV)
+    if index_text is None:
+        return None
+    count_text = shard_count if shard_count is not None else environ.get(BATCH_SIZE_ENV)
+    if count_text is None:
+        raise ConfigError(
+            f"{BATCH_INDEX_ENV} is set but the number of shards is not: pass --shard-count N "
+            f"or set {BATCH_SIZE_ENV}"
+        )
+    try:
+        return Shard.checked(int(index_text), int(count_text), BATCH_INDEX_ENV)
+    except ValueError as e:
+        raise ConfigError(
+            f"{BATCH_INDEX_ENV}={index_text!r} / shard count {count_text!r} are not integers"
+        ) from e
+
+
+# -- the plan -----------------------------------------------------------------------------------
+
+
+@dataclass
+class CubePlan:
+    """Cube `index` of `collection`: its chips, in order, and the bands to read."""
+
+    collection: str
+    index: int
+    rows: list[ChipRow]
+    bands: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.collection}/cube_{self.index}"
+
+
+def _sort_key(row: ChipRow) -> tuple[str, str, int, int, int]:
+    return row.collection, row.item_id, row.chip_size, row.chip_index_y, row.chip_index_x
+
+
+def plan_cubes(
+    selection: ChipSelection,
+    *,
+    cube_size: int = CUBE_SIZE,
+    keep_partial: bool = False,
+    bands: Sequence[str] | None = None,
+    platform: str | None = None,
+) -> list[CubePlan]:
+    """Every cube of the selection, collections in name order (see the module doc)."""
+    if cube_size < 1:
+        raise ConfigError(f"--cube-size {cube_size} is not a positive number of chips")
+    plans: list[CubePlan] = []
+    rows = sorted(selection.rows, key=_sort_key)
+    for collection, group in groupby(rows, key=lambda r: r.collection):
+        chips = list(group)
+        sizes = sorted({r.chip_size for r in chips})
+        if len(sizes) > 1:
+            raise PrechipError(
+                f"collection {collection}: the selection mixes chip sizes {sizes}, which cannot "
+                "share a cube; select one chip size (filter on chip_size)"
+            )
+        collection_bands = bands_for(collection, bands, platform)
+        for k, start in enumerate(range(0, len(chips), cube_size)):
+            part = chips[start : start + cube_size]
+            if len(part) < cube_size and not keep_partial:
+                break
+            plans.append(CubePlan(collection, k, part, collection_bands))
+    return plans
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """Chips `positions` (rows of cube `cube`) of one item, read together."""
+
+    cube: int
+    positions: tuple[int, ...]
+    item: dict[str, Any]
+    chips: tuple[tuple[int, int], ...]
+    bands: tuple[str, ...]
+    chip_size: int
+    lanes: int | None
+
+
+def read_tasks(
+    plans: Sequence[CubePlan],
+    items: dict[tuple[str, str], dict[str, Any]],
+    *,
+    jobs: int = 1,
+    lanes: int | None = None,
+) -> list[ReadTask]:
+    """Per cube, per item: tasks of at most ceil(cube rows / jobs) chips."""
+    tasks = []
+    for cube, plan in enumerate(plans):
+        chunk = max(1, math.ceil(len(plan.rows) / max(1, jobs)))
+        positions = sorted(range(len(plan.rows)), key=lambda p: _sort_key(plan.rows[p]))
+        for key, group in groupby(positions, key=lambda p: plan.rows[p].item_key):
+            members = list(group)
+            for start in range(0, len(members), chunk):
+                part = members[start : start + chunk]
+                tasks.append(
+                    ReadTask(
+                        cube,
+                        tuple(part),
+                        items[key],
+                        tuple((plan.rows[p].chip_index_x, plan.rows[p].chip_index_y) for p in part),
+                        tuple(plan.bands),
+                        plan.rows[part[0]].chip_size,
+                        lanes,
+                    )
+                )
+    return tasks
+
+
+@dataclass
+class TaskResult:
+    """What a worker sends back: pixels (native dtype) or any other value, and failures."""
+
+    task: ReadTask
+    value: Any
+    ok: np.ndarray
+    failures: list[ChipFailure]
+
+
+def read_pixels(task: ReadTask) -> TaskResult:
+    """Worker function of prechip: the task's chips' pixels."""
+    got = read_item_chips(
+        task.item, task.chips, task.bands, chip_size=task.chip_size, lanes=task.lanes
+    )
+    return TaskResult(task, got.pixels, got.ok, got.failures)
+
+
+def run_tasks(
+    tasks: Sequence[ReadTask],
+    work: Callable[[ReadTask], TaskResult],
+    *,
+    jobs: int = 1,
+) -> Iterator[TaskResult]:
+    """Results of `work(task)` for every task, in completion order.
+
+    `jobs` > 1 runs them in that many worker processes (forked where the platform allows: the
+    workers need nothing but the task), keeping at most 2 × jobs tasks in flight so memory stays
+    bounded whatever the number of tasks.
+    """
+    if jobs <= 1:
+        for task in tasks:
+            yield work(task)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        pending: set[Future[TaskResult]] = set()
+        queue = iter(tasks)
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < 2 * jobs:
+                task = next(queue, None)
+                if task is None:
+                    exhausted = True
+                else:
+                    pending.add(pool.submit(work, task))
+            if not pending:
+                break
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+
+
+# -- assembling and writing cubes ---------------------------------------------------------------
+
+
+@dataclass
+class CubeRead:
+    """A cube's pixels (float32, all planned rows) and which rows could be read."""
+
+    plan: CubePlan
+    pixels: np.ndarray
+    ok: np.ndarray
+    failures: list[tuple[ChipRow, str, str]] = field(default_factory=list)
+
+
+def read_cubes(
+    plans: Sequence[CubePlan],
+    items: dict[tuple[str, str], dict[str, Any]],
+    *,
+    jobs: int = 1,
+    lanes: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[CubeRead]:
+    """Each cube's pixels as soon as all its chips are read (cubes in completion order)."""
+    tasks = read_tasks(plans, items, jobs=jobs, lanes=lanes)
+    remaining = [0] * len(plans)
+    for task in tasks:
+        remaining[task.cube] += 1
+    buffers: dict[int, CubeRead] = {}
+    for result in run_tasks(tasks, read_pixels, jobs=jobs):
+        task = result.task
+        plan = plans[task.cube]
+        cube = buffers.get(task.cube)
+        if cube is None:
+            shape = (len(plan.rows), len(plan.bands), task.chip_size, task.chip_size)
+            cube = buffers[task.cube] = CubeRead(
+                plan, np.empty(shape, dtype=np.float32), np.ones(len(plan.rows), dtype=bool)
+            )
+        positions = np.asarray(task.positions)
+        cube.pixels[positions] = result.value
+        cube.ok[positions] = result.ok
+        for failure in result.failures:
+            row = plan.rows[task.positions[failure.position]]
+            cube.failures.append((row, failure.href, failure.message))
+        if progress is not None:
+            progress(len(task.positions))
+        remaining[task.cube] -= 1
+        if remaining[task.cube] == 0:
+            yield buffers.pop(task.cube)
+
+
+def cube_arrays(
+    cube: CubeRead, items: dict[tuple[str, str], dict[str, Any]]
+) -> dict[str, np.ndarray]:
+    """The npz arrays of a cube, without the rows that could not be read."""
+    keep = np.flatnonzero(cube.ok)
+    rows = [cube.plan.rows[i] for i in keep]
+    pixels = cube.pixels if len(keep) == len(cube.ok) else cube.pixels[keep]
+    if not rows:
+        return {"pixels": pixels}
+    return {"pixels": pixels, **clay_norms(rows, items)}
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("cube", pa.int32(), nullable=False),
+        pa.field("row", pa.int32(), nullable=False),
+        pa.field("chip_id", pa.string(), nullable=False),
+        pa.field("collection", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("chip_size", pa.int32(), nullable=False),
+        pa.field("chip_index_x", pa.int32(), nullable=False),
+        pa.field("chip_index_y", pa.int32(), nullable=False),
+        pa.field("datetime", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("cloud_fraction", pa.float32(), nullable=False),
+        pa.field("nodata_fraction", pa.float32(), nullable=False),
+        pa.field(
+            "geometry",
+            pa.binary(),
+            nullable=False,
+            metadata={b"encoding": b"WKB", b"crs": b"EPSG:4326"},
+        ),
+    ]
+)
+"""Manifest columns: one row per chip written, `(cube, row)` its place in `cube_{cube}.npz`."""
+
+
+def manifest_name(shard: Shard | None) -> str:
+    """`manifest.parquet`, or `manifest-{I}-of-{N}.parquet` for a shard (no two shards clash)."""
+    return (
+        "manifest.parquet"
+        if shard is None
+        else (f"manifest-{shard.index}-of-{shard.count}.parquet")
+    )
+
+
+def _manifest_table(entries: list[tuple[int, int, ChipRow]], bands: list[str]) -> pa.Table:
+    columns: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
+    for cube, row_index, row in sorted(entries, key=lambda e: (e[0], e[1])):
+        for name, value in (
+            ("cube", cube),
+            ("row", row_index),
+            ("chip_id", row.chip_id),
+            ("collection", row.collection),
+            ("item_id", row.item_id),
+            ("chip_size", row.chip_size),
+            ("chip_index_x", row.chip_index_x),
+            ("chip_index_y", row.chip_index_y),
+            ("datetime", row.datetime),
+            ("cloud_fraction", row.cloud_fraction),
+            ("nodata_fraction", row.nodata_fraction),
+            ("geometry", row.geometry),
+        ):
+            columns[name].append(value)
+    table = pa.table(columns, schema=MANIFEST_SCHEMA)
+    geo = {
+        "version": "1.0.0",
+        "primary_column": "geometry",
+        "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"]}},
+    }
+    return table.replace_schema_metadata(
+        {b"geo": json.dumps(geo).encode(), b"stacchip:bands": json.dumps(bands).encode()}
+    )
+
+
+class CubeStore:
+    """Where cubes go: a local directory, or `s3://bucket/prefix` (boto3, usual endpoint)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out.rstrip("/") if out.startswith("s3://") else out
+        self.remote = out.startswith("s3://")
+        if not self.remote:
+            try:
+                Path(out).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise PrechipError(f"cannot create output directory {out}: {e.strerror}") from e
+
+    def url(self, name: str) -> str:
+        return f"{self.out}/{name}" if self.remote else str(Path(self.out, name))
+
+    def put(self, name: str, write: Callable[[Path], None]) -> str:
+        """Write `name` through `write(local_path)`; atomic for local files (temp + rename)."""
+        if self.remote:
+            with tempfile.TemporaryDirectory(prefix="stacchip-cube-") as tmp:
+                path = Path(tmp, Path(name).name)
+                write(path)
+                self._upload(path, name)
+            return self.url(name)
+        target = Path(self.out, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            write(partial)
+            partial.replace(target)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise PrechipError(f"cannot write {target}: {e.strerror}") from e
+        return str(target)
+
+    def _upload(self, path: Path, name: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from stacchip_db.storage import s3_client, split_s3
+
+        bucket, key = split_s3(self.url(name))
+        try:
+            s3_client().upload_file(str(path), bucket, key)
+        except (BotoCoreError, ClientError) as e:
+            raise PrechipError(f"cannot write {self.url(name)}: {e}") from e
+
+
+def _save_npz(arrays: dict[str, np.ndarray], compress: bool) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:
+            (np.savez_compressed if compress else np.savez)(f, **arrays)
+
+    return write
+
+
+@dataclass
+class PrechipSummary:
+    """What an export did."""
+
+    selected: int = 0
+    planned: int = 0
+    written: int = 0
+    failed: int = 0
+    not_in_full_cube: int = 0
+    cubes: int = 0
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        rate = self.written / self.seconds if self.seconds else 0.0
+        text = (
+            f"wrote {self.written} chips in {self.cubes} cubes ({rate:.1f} chips/s, "
+            f"{self.seconds:.1f} s) of {self.selected} selected"
+        )
+        if self.planned != self.selected:
+            text += f"; {self.planned} in this run's cubes"
+        if self.not_in_full_cube:
+            text += f"; {self.not_in_full_cube} left over in a partial cube (--keep-partial)"
+        if self.failed:
+            text += f"; {self.failed} chips could not be read and were left out"
+        return text
+
+
+def export_cubes(
+    selection: ChipSelection,
+    out: str,
+    *,
+    cube_size: int = CUBE_SIZE,
+    bands: Sequence[str] | None = None,
+    platform: str | None = None,
+    jobs: int = 1,
+    lanes: int | None = None,
+    shard: Shard | None = None,
+    keep_partial: bool = False,
+    compress: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> PrechipSummary:
+    """Write the selection as npz cubes + manifest under `out` (see the module doc).
+
+    `on_plan(n)` is told how many chips this run will read, before reading starts.
+    """
+    started = time.perf_counter()
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs} is not a positive number of processes")
+    store = CubeStore(out)
+    plans = plan_cubes(
+        selection, cube_size=cube_size, keep_partial=keep_partial, bands=bands, platform=platform
+    )
+    in_cubes = sum(len(p.rows) for p in plans)
+    if shard is not None:
+        plans = [plans[i] for i in shard.part(len(plans))]
+    summary = PrechipSummary(
+        selected=len(selection),
+        planned=sum(len(p.rows) for p in plans),
+        not_in_full_cube=len(selection) - in_cubes,
+    )
+    if on_plan is not None:
+        on_plan(summary.planned)
+    manifests: dict[str, list[tuple[int, int, ChipRow]]] = {}
+    bands_of: dict[str, list[str]] = {}
+    for cube in read_cubes(plans, selection.items, jobs=jobs, lanes=lanes, progress=progress):
+        plan = cube.plan
+        for row, href, message in cube.failures:
+            log.warning(
+                "chip %s: cannot read %s (%s); left out of %s",
+                row.chip_id,
+                href,
+                message,
+                plan.name,
+            )
+        summary.failed += len(cube.failures)
+        arrays = cube_arrays(cube, selection.items)
+        del cube.pixels
+        kept = [row for row, ok in zip(plan.rows, cube.ok, strict=True) if ok]
+        if not kept:
+            continue
+        summary.outputs.append(store.put(f"{plan.name}.npz", _save_npz(arrays, compress)))
+        del arrays
+        summary.cubes += 1
+        summary.written += len(kept)
+        entries = manifests.setdefault(plan.collection, [])
+        entries.extend((plan.index, i, row) for i, row in enumerate(kept))
+        bands_of[plan.collection] = plan.bands
+    for collection, entries in manifests.items():
+        table = _manifest_table(entries, bands_of[collection])
+        store.put(
+            f"{collection}/{manifest_name(shard)}",
+            lambda path, table=table: pq.write_table(table, path),
+        )
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -1,0 +1,446 @@
+"""Chip pixels from COGs: which asset holds each band, and reading chip windows from it.
+
+One item at a time: `read_item_chips` opens each asset of the requested bands once, reads only
+the windows of the requested chips (a coarser band at its own resolution, upsampled by the
+integer factor with `np.repeat`: nearest, as `grid` defines it) and stacks them into a
+`(chips, bands, chip_size, chip_size)` array in the platform's band order.
+
+Where the files are remote (HTTP, S3), latency and not bandwidth limits the reads, so the reads
+of one item are spread over "lanes" run by threads: each lane opens the assets it reads once
+and reads its windows in order; GDAL's /vsicurl/ cache shares the file headers between lanes of
+the same asset. Local reads are CPU-bound (tile decompression), so they use one lane: the
+parallelism there comes from worker processes (`prechip --jobs`).
+
+A window that cannot be read fails its chip, not the item: `ItemChips.failures` names the chip
+and the href, and the caller decides (prechip leaves the chip out and carries on).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+
+from stacchip_db.errors import StacchipError
+from stacchip_db.grid import ChipGrid, chip_grid, item_view
+
+log = logging.getLogger(__name__)
+
+
+class BandError(StacchipError):
+    """A requested band is not in the item, or the platform of a collection is unknown."""
+
+
+@dataclass(frozen=True)
+class Platform:
+    """A sensor as the Clay model knows it: band order, nodata value, RGB bands for pictures."""
+
+    name: str
+    bands: tuple[str, ...]
+    nodata: float
+    rgb: tuple[str, str, str]
+    collection_words: tuple[str, ...]
+    """Collection ids containing one of these words belong to this platform."""
+
+
+PLATFORMS: dict[str, Platform] = {
+    p.name: p
+    for p in (
+        Platform(
+            "sentinel-2-l2a",
+            (
+                "blue",
+                "green",
+                "red",
+                "rededge1",
+                "rededge2",
+                "rededge3",
+                "nir",
+                "nir08",
+                "swir16",
+                "swir22",
+            ),
+            0,
+            ("red", "green", "blue"),
+            ("sentinel-2", "sentinel2", "s2"),
+        ),
+        Platform(
+            "landsat",
+            ("red", "green", "blue", "nir08", "swir16", "swir22"),
+            0,
+            ("red", "green", "blue"),
+            ("landsat",),
+        ),
+        Platform("naip", ("red", "green", "blue", "nir"), 0, ("red", "green", "blue"), ("naip",)),
+        Platform("linz", ("red", "green", "blue"), 0, ("red", "green", "blue"), ("linz",)),
+        Platform("sentinel-1-rtc", ("vv", "vh"), -32768, ("vv", "vh", "vv"), ("sentinel-1", "s1")),
+        Platform(
+            "modis",
+            tuple(f"sur_refl_b0{i}" for i in range(1, 8)),
+            -28672,
+            ("sur_refl_b01", "sur_refl_b04", "sur_refl_b03"),
+            ("modis", "mod09"),
+        ),
+    )
+}
+"""Band order per platform (ARCHITECTURE.md, "npz cubes") and the nodata value stats skip."""
+
+
+def platform_for(collection: str, platform: str | None = None) -> Platform:
+    """The platform named `platform`, else the one whose word appears in the collection id."""
+    if platform is not None:
+        if platform not in PLATFORMS:
+            raise BandError(f"unknown platform {platform!r}; use one of {', '.join(PLATFORMS)}")
+        return PLATFORMS[platform]
+    lowered = collection.lower()
+    for candidate in PLATFORMS.values():
+        if any(word in lowered for word in candidate.collection_words):
+            return candidate
+    raise BandError(
+        f"cannot tell the platform of collection {collection!r}; pass --platform "
+        f"({', '.join(PLATFORMS)}) or --bands"
+    )
+
+
+@dataclass(frozen=True)
+class AssetRead:
+    """Bands read from one asset: its 1-based band `indexes` go to output `positions`."""
+
+    asset: str
+    href: str
+    indexes: tuple[int, ...]
+    positions: tuple[int, ...]
+
+
+def _band_names(fields: Mapping[str, Any]) -> list[set[str]]:
+    """Lower-cased names (name, common_name, description) of each band of an asset."""
+    entries = fields.get("eo:bands") or fields.get("bands") or []
+    names = []
+    for entry in entries:
+        keys = ("name", "common_name", "eo:common_name", "description")
+        names.append({str(entry[k]).lower() for k in keys if entry.get(k)})
+    return names
+
+
+def plan_reads(item: Any, bands: Sequence[str]) -> list[AssetRead]:
+    """Which asset (and band of it) holds each of `bands`, grouped by asset.
+
+    A band is the asset of that key (band 1), else the band of a multi-band asset whose
+    `eo:bands` entry is named so (NAIP's `image` red/green/blue/nir), else, for NAIP/LINZ-like
+    items with a single multi-band image asset, the band at the same position in that asset.
+    """
+    view = item_view(item)
+    found: dict[str, tuple[str, int]] = {}
+    for band in bands:
+        if band in view.assets:
+            found[band] = (band, 1)
+            continue
+        for key, fields in view.assets.items():
+            hits = [i for i, names in enumerate(_band_names(fields)) if band.lower() in names]
+            if hits:
+                found[band] = (key, hits[0] + 1)
+                break
+    missing = [b for b in bands if b not in found]
+    if missing:
+        multi = [k for k, f in view.assets.items() if len(_band_names(f)) >= len(bands)]
+        if len(multi) == 1:
+            found.update({b: (multi[0], i + 1) for i, b in enumerate(bands) if b in missing})
+            missing = []
+    if missing:
+        raise BandError(
+            f"item {view.id}: no asset or named band for {', '.join(missing)} (assets: "
+            f"{', '.join(sorted(view.assets))}); pass --bands with names the item has"
+        )
+    reads: dict[str, tuple[list[int], list[int]]] = {}
+    for position, band in enumerate(bands):
+        asset, index = found[band]
+        indexes, positions = reads.setdefault(asset, ([], []))
+        indexes.append(index)
+        positions.append(position)
+    return [
+        AssetRead(asset, str(view.assets[asset]["href"]), tuple(ix), tuple(pos))
+        for asset, (ix, pos) in reads.items()
+    ]
+
+
+def is_remote(href: str) -> bool:
+    """True for hrefs GDAL reads over the network (HTTP, S3, GCS, /vsicurl/ …)."""
+    return href.startswith(("http://", "https://", "s3://", "gs://", "az://", "/vsi"))
+
+
+REMOTE_LANES = 32
+"""Concurrent reads per item when its assets are remote (20 ms latency: ~1 request per read)."""
+
+REMOTE_GDAL_CONFIG = {
+    # No directory listing per file (sidecar lookups cost a request each).
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    # A window spanning several tiles: fetch their byte ranges in parallel, merged when adjacent.
+    "GDAL_HTTP_MULTIRANGE": "YES",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    # Header + tile index of a COG in the first request instead of several small ones.
+    "GDAL_INGESTED_BYTES_AT_OPEN": "65536",
+    "GDAL_HTTP_MAX_RETRY": "3",
+    "GDAL_HTTP_RETRY_DELAY": "0.5",
+}
+"""GDAL settings for remote COGs; an environment variable of the same name wins."""
+
+
+def configure_gdal() -> None:
+    """Apply `REMOTE_GDAL_CONFIG` to this process (GDAL reads them from the environment).
+
+    Environment variables rather than `rasterio.Env` because reading threads share them and
+    rasterio's Env is per thread.
+    """
+    for key, value in REMOTE_GDAL_CONFIG.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class ChipFailure:
+    """Chip `position` (in the caller's list) could not be read from `href`."""
+
+    position: int
+    href: str
+    message: str
+
+
+@dataclass
+class ItemChips:
+    """Pixels of some chips of one item; `ok[i]` False where chip i failed (its pixels are 0)."""
+
+    pixels: np.ndarray
+    ok: np.ndarray
+    failures: list[ChipFailure] = field(default_factory=list)
+
+
+def _read_window(
+    src: Any, grid: ChipGrid, x: int, y: int, indexes: tuple[int, ...], asset: str
+) -> np.ndarray:
+    """`(len(indexes), cs, cs)` pixels of chip (x, y) from an open dataset."""
+    cs = grid.chip_size
+    fx, fy, _, _ = grid.alignment(src.transform, asset=asset)
+    window = grid.window(x, y, src.transform, asset=asset)
+    inside = (
+        window.col_off >= 0
+        and window.row_off >= 0
+        and window.col_off + window.width <= src.width
+        and window.row_off + window.height <= src.height
+    )
+    fill = src.nodata if src.nodata is not None else 0
+    if cs % fx == 0 and cs % fy == 0:
+        data = src.read(indexes, window=window, boundless=not inside, fill_value=fill)
+        if fy > 1:
+            data = np.repeat(data, fy, axis=1)
+        if fx > 1:
+            data = np.repeat(data, fx, axis=2)
+        return data
+    # The factor does not divide the chip size: GDAL's nearest resampling of the fractional
+    # window is the same nearest upsampling, done by GDAL.
+    return src.read(
+        indexes,
+        window=window,
+        out_shape=(len(indexes), cs, cs),
+        resampling=Resampling.nearest,
+        boundless=not inside,
+        fill_value=fill,
+    )
+
+
+@dataclass(frozen=True)
+class _Lane:
+    """Windows one thread reads: chips `positions` of each asset in `reads`."""
+
+    reads: tuple[AssetRead, ...]
+    positions: tuple[int, ...]
+
+
+def _lanes(reads: list[AssetRead], n_chips: int, lanes: int) -> list[_Lane]:
+    """Split (asset x chips) into at most `lanes` lanes; each asset is opened once per lane."""
+    if lanes <= 1 or n_chips == 0:
+        return [_Lane(tuple(reads), tuple(range(n_chips)))]
+    if lanes < len(reads):
+        return [_Lane(tuple(reads[i::lanes]), tuple(range(n_chips))) for i in range(lanes)]
+    per_asset = min(n_chips, max(1, lanes // len(reads)))
+    out = []
+    for read in reads:
+        for part in np.array_split(np.arange(n_chips), per_asset):
+            out.append(_Lane((read,), tuple(int(p) for p in part)))
+    return out
+
+
+def read_item_chips(
+    item: Any,
+    chips: Sequence[tuple[int, int]],
+    bands: Sequence[str],
+    *,
+    chip_size: int,
+    lanes: int | None = None,
+    dtype: Any = None,
+) -> ItemChips:
+    """Pixels `(len(chips), len(bands), chip_size, chip_size)` of chips `(x, y)` of `item`.
+
+    `lanes` (default: 1 for local files, `REMOTE_LANES` for remote ones) is the number of
+    concurrent readers. The array's dtype is `dtype`, else that of the assets (promoted).
+    An asset that cannot be opened fails every chip; a window that cannot be read, its chip.
+    Raises BandError / GridError when the item cannot give these bands on this grid at all.
+    """
+    grid = chip_grid(item, chip_size=chip_size)
+    reads = plan_reads(item, bands)
+    if lanes is None:
+        lanes = REMOTE_LANES if any(is_remote(r.href) for r in reads) else 1
+    if any(is_remote(r.href) for r in reads):
+        configure_gdal()
+    n = len(chips)
+    pixels = np.zeros((n, len(bands), chip_size, chip_size), dtype=dtype or _dtype(item, reads))
+    ok = np.ones(n, dtype=bool)
+    failures: list[ChipFailure] = []
+    lock = threading.Lock()
+
+    def fail(position: int, href: str, exc: BaseException) -> None:
+        with lock:
+            ok[position] = False
+            failures.append(ChipFailure(position, href, _first_line(exc)))
+
+    def run(lane: _Lane) -> None:
+        with ExitStack() as stack:
+            for read in lane.reads:
+                try:
+                    src = stack.enter_context(rasterio.open(read.href))
+                except (RasterioError, OSError) as exc:
+                    for position in lane.positions:
+                        fail(position, read.href, exc)
+                    continue
+                where = f"asset {read.asset!r} ({read.href})"
+                for position in lane.positions:
+                    if not ok[position]:
+                        continue
+                    x, y = chips[position]
+                    try:
+                        data = _read_window(src, grid, x, y, read.indexes, where)
+                    except (RasterioError, OSError) as exc:
+                        fail(position, read.href, exc)
+                        continue
+                    pixels[position, list(read.positions)] = data
+
+    work = _lanes(reads, n, lanes)
+    if len(work) == 1:
+        run(work[0])
+    else:
+        with ThreadPoolExecutor(max_workers=len(work), thread_name_prefix="chip-read") as pool:
+            for _ in pool.map(run, work):
+                pass
+    failures.sort(key=lambda f: f.position)
+    return ItemChips(pixels, ok, failures)
+
+
+def _dtype(item: Any, reads: list[AssetRead]) -> np.dtype:
+    """The promoted `raster:bands` data type of the assets read (default uint16)."""
+    view = item_view(item)
+    types = []
+    for read in reads:
+        bands = view.assets[read.asset].get("raster:bands") or [{}]
+        types.append(np.dtype(bands[0].get("data_type", "uint16")))
+    return np.result_type(*types) if types else np.dtype("float32")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+# -- random access (ChipDataset) ----------------------------------------------------------------
+
+
+class DatasetCache:
+    """Open rasterio datasets of this process and thread, keyed by href (LRU, bounded).
+
+    GDAL datasets must not be shared between threads or inherited across fork (their file
+    offsets would be shared), so the cache is per thread and forgets everything when it finds
+    itself in a new process.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._local = threading.local()
+
+    def _entries(self) -> OrderedDict[str, Any]:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.pid = os.getpid()
+            local.entries = OrderedDict()  # inherited handles: dropped, not closed
+        return local.entries
+
+    def open(self, href: str) -> Any:
+        """The open dataset of `href`, opened on first use."""
+        entries = self._entries()
+        src = entries.get(href)
+        if src is not None:
+            entries.move_to_end(href)
+            return src
+        if is_remote(href):
+            configure_gdal()
+        src = rasterio.open(href)
+        entries[href] = src
+        while len(entries) > self.size:
+            _, old = entries.popitem(last=False)
+            old.close()
+        return src
+
+    def clear(self) -> None:
+        """Close every dataset this thread holds."""
+        entries = self._entries()
+        while entries:
+            entries.popitem()[1].close()
+
+
+DATASETS = DatasetCache()
+"""The process-wide cache random-access readers use."""
+
+
+def read_chip(
+    item: Any,
+    x: int,
+    y: int,
+    bands: Sequence[str],
+    *,
+    chip_size: int,
+    cache: DatasetCache = DATASETS,
+    reads: list[AssetRead] | None = None,
+    grid: ChipGrid | None = None,
+) -> np.ndarray:
+    """Pixels `(len(bands), chip_size, chip_size)` of one chip, datasets reused via `cache`.
+
+    Raises ChipReadError naming the chip and the href when an asset cannot be read.
+    """
+    grid = grid or chip_grid(item, chip_size=chip_size)
+    reads = reads if reads is not None else plan_reads(item, bands)
+    out: np.ndarray | None = None
+    for read in reads:
+        where = f"asset {read.asset!r} ({read.href})"
+        try:
+            data = _read_window(cache.open(read.href), grid, x, y, read.indexes, where)
+        except (RasterioError, OSError) as exc:
+            raise ChipReadError(
+                f"chip {grid.item_id}-{x}-{y}: cannot read {read.href}: {_first_line(exc)}"
+            ) from exc
+        if out is None:
+            out = np.zeros((len(bands), chip_size, chip_size), dtype=_dtype(item, reads))
+        out[list(read.positions)] = data
+    if out is None:
+        raise BandError(f"chip {grid.item_id}-{x}-{y}: no bands requested")
+    return out
+
+
+class ChipReadError(StacchipError):
+    """A chip's asset could not be opened or its window read."""
