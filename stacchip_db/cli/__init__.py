@@ -74,5 +74,9 @@ def _register() -> None:
 
     main.add_command(prechip.prechip)
 
+    from stacchip_db.cli import ingest
+
+    main.add_command(ingest.ingest)
+
 
 _register()

@@ -1,0 +1,502 @@
+"""A small STAC catalog served on loopback: the offline demo, and the tests' STAC API.
+
+`python -m stacchip_db.demo` (what `make demo` runs) builds the catalog, serves it with
+stac-fastapi-pgstac on 127.0.0.1, runs `stacchip-db ingest sentinel-2` and `stacchip-db ingest
+naip` against it into the configured (by default embedded) database and prints what was stored.
+The tests and the benchmark use the same pieces:
+
+- `s2_catalog` / `naip_catalog`: variants of the shared fixture items (`../shared/fixtures/stac`
+  or `$STACCHIP_FIXTURES`) with dates, cloud cover, grid codes and nodata percentages chosen so
+  that "least cloudy per quarter" is testable: per quarter a winner below 10 % beside a valid
+  scene above 10 % (a text sort would pick that one), a clearer scene of the wrong MGRS tile and
+  a clearer one with too much nodata; 2020 Q3 only above 75 % cloud; 2021 Q4 empty;
+- `synthesize_assets`: one set of small COGs (stacchip_db.synthetic) that all variants point to;
+- `load_catalog`: a pgstac database (`db init`, so numeric queryables are registered) loaded
+  through pypgstac's loader;
+- `StacApiServer`: stac-fastapi-pgstac under uvicorn in a background thread, behind a small
+  ASGI `FaultInjector` that can answer the next N requests with an HTTP error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import click
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from stacchip_db.config import Settings
+from stacchip_db.db import connect, init_database, resolve_url
+from stacchip_db.errors import StacchipError
+from stacchip_db.synthetic import synthesize_item
+
+log = logging.getLogger(__name__)
+
+FIXTURES_ENV = "STACCHIP_FIXTURES"
+S2_FIXTURE = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
+NAIP_FIXTURE = "naip-planetary-computer-200.ndjson"
+S2_COLLECTION_FIXTURE = "sentinel-2-l2a-collection.json"
+NAIP_COLLECTION_FIXTURE = "naip-collection.json"
+S2_ASSETS = (
+    "blue",
+    "green",
+    "red",
+    "nir",
+    "nir08",
+    "rededge1",
+    "rededge2",
+    "rededge3",
+    "scl",
+    "swir16",
+    "swir22",
+)
+S2_TILE = "20HNJ"
+S2_SAMPLE_BOX = (-62.40, -33.10, -62.20, -32.90)
+"""A small area inside the fixture scene's footprint (lon/lat box)."""
+NAIP_YEARS = (2011, 2013, 2015, 2017, 2019, 2021, 2023)
+SKIPPED_QUARTER = (2020, 3)
+"""Only scenes above 75 % cloud: the quarter is skipped."""
+EMPTY_QUARTER = (2021, 4)
+"""No scenes at all: the quarter is logged and skipped."""
+
+
+class DemoError(StacchipError):
+    """The demo catalog could not be built or served."""
+
+
+def fixtures_dir() -> Path:
+    """`$STACCHIP_FIXTURES`, else `../shared/fixtures/stac` beside the repository."""
+    configured = os.environ.get(FIXTURES_ENV)
+    path = (
+        Path(configured)
+        if configured
+        else Path(__file__).resolve().parents[2] / ("shared/fixtures/stac")
+    )
+    if not path.is_dir():
+        raise DemoError(
+            f"fixture STAC items not found at {path}; set {FIXTURES_ENV} to the folder holding "
+            f"{S2_FIXTURE}"
+        )
+    return path
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+# -- the catalog's items ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One catalog item made from a fixture: the parts that differ from it."""
+
+    day: date
+    cloud: float
+    tile: str = S2_TILE
+    nodata_pct: float = 5.0
+
+
+def s2_variants(years: Iterable[int] = range(2018, 2024)) -> list[Variant]:
+    """The Sentinel-2 scenes of the catalog (see the module docstring)."""
+    variants = []
+    for year in years:
+        for quarter in range(1, 5):
+            if (year, quarter) == EMPTY_QUARTER:
+                continue
+            month = 3 * (quarter - 1) + 1
+            if (year, quarter) == SKIPPED_QUARTER:
+                variants += [
+                    Variant(date(year, month, 10), 80.0),
+                    Variant(date(year, month + 1, 10), 91.5),
+                ]
+                continue
+            winner = 2.0 + (year * 4 + quarter) % 7  # 2..8 %, below 10: text sort loses it
+            variants += [
+                Variant(date(year, month + 1, 10), winner),
+                Variant(date(year, month, 20), 16.8),
+                Variant(date(year, month + 2, 5), 0.5, tile="20HNK"),
+                Variant(date(year, month + 2, 15), 1.0, nodata_pct=35.0),
+            ]
+    return variants
+
+
+def s2_item(base: dict[str, Any], variant: Variant, collection: str) -> dict[str, Any]:
+    """The fixture item (with synthetic hrefs) as `variant`: id, date, cloud, tile, nodata."""
+    item = copy.deepcopy(base)
+    stamp = variant.day.strftime("%Y%m%d")
+    item["id"] = f"S2A_T{variant.tile}_{stamp}T140636_L2A"
+    item["collection"] = collection
+    props = item["properties"]
+    props["datetime"] = f"{variant.day.isoformat()}T14:11:54.463000Z"
+    props["eo:cloud_cover"] = variant.cloud
+    props["grid:code"] = f"MGRS-{variant.tile}"
+    props["s2:nodata_pixel_percentage"] = variant.nodata_pct
+    for key in ("created", "updated", "s2:product_uri", "s2:granule_id", "earthsearch:s3_path"):
+        props.pop(key, None)
+    item["links"] = []
+    return item
+
+
+def expected_s2_choice(
+    items: Iterable[dict[str, Any]],
+    year: int,
+    quarter: int,
+    *,
+    tile: str = S2_TILE,
+    max_cloud: float = 75.0,
+) -> str | None:
+    """The id the sentinel-2 rule must pick for a quarter, computed from the catalog's items."""
+    months = range(3 * (quarter - 1) + 1, 3 * quarter + 1)
+    candidates = [
+        item
+        for item in items
+        if item["properties"]["datetime"].startswith(str(year))
+        and int(item["properties"]["datetime"][5:7]) in months
+        and item["properties"]["grid:code"] == f"MGRS-{tile}"
+        and item["properties"]["s2:nodata_pixel_percentage"] <= 20
+    ]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda i: i["properties"]["eo:cloud_cover"])
+    return best["id"] if best["properties"]["eo:cloud_cover"] <= max_cloud else None
+
+
+def naip_item(base: dict[str, Any], year: int) -> dict[str, Any]:
+    """The fixture NAIP item (with synthetic hrefs) as flown in `year`."""
+    item = copy.deepcopy(base)
+    old_year = str(base["properties"]["naip:year"])
+    item["id"] = base["id"].replace(f"_{old_year}", f"_{year}")
+    item["properties"]["naip:year"] = str(year)
+    item["properties"]["datetime"] = f"{year}-{(year % 5) + 6:02d}-15T16:00:00Z"
+    item["links"] = []
+    return item
+
+
+def synthesize_assets(out_dir: Path, *, s2_scale: int = 10, naip_scale: int = 20) -> dict[str, Any]:
+    """Write the COGs once; return the two base items whose hrefs point at them.
+
+    Keys: `s2` (the Sentinel-2 fixture, its 11 assets) and `naip` (the first NAIP item).
+    """
+    fixtures = fixtures_dir()
+    s2 = _json(fixtures / S2_FIXTURE)
+    naip = json.loads((fixtures / NAIP_FIXTURE).read_text().splitlines()[0])
+    return {
+        "s2": synthesize_item(s2, out_dir / "sentinel-2", S2_ASSETS, scale=s2_scale),
+        "naip": synthesize_item(naip, out_dir / "naip", ["image"], scale=naip_scale),
+    }
+
+
+def collection_document(fixture: str, collection_id: str) -> dict[str, Any]:
+    """A fixture collection document under another id."""
+    document = _json(fixtures_dir() / fixture)
+    document["id"] = collection_id
+    document["links"] = []
+    return document
+
+
+def naip_sample_geometry(base: dict[str, Any]) -> dict[str, Any]:
+    """A small polygon around the NAIP item's centre (GeoJSON)."""
+    west, south, east, north = base["bbox"]
+    cx, cy = (west + east) / 2, (south + north) / 2
+    return _box(cx - 0.002, cy - 0.002, cx + 0.002, cy + 0.002)
+
+
+def _box(west: float, south: float, east: float, north: float) -> dict[str, Any]:
+    ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
+    return {"type": "Polygon", "coordinates": [ring]}
+
+
+def write_sample_source(path: Path, rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> Path:
+    """A GeoJSON sample source of `(geometry, properties)` rows."""
+    features = [
+        {"type": "Feature", "geometry": geometry, "properties": properties}
+        for geometry, properties in rows
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+def s2_sample_rows(count: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """`count` sample rows, all on the demo MGRS tile (jobs differ by their seeded years)."""
+    return [(_box(*S2_SAMPLE_BOX), {"name": S2_TILE}) for _ in range(count)]
+
+
+# -- the pgstac source database ---------------------------------------------------------------
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create database `name` on the server of `server_url` unless it exists; its URL."""
+    with connect(server_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return make_conninfo(server_url, dbname=name)
+
+
+def load_catalog(
+    url: str, collections: Iterable[dict[str, Any]], items: Iterable[dict[str, Any]]
+) -> None:
+    """Make `url` a pgstac catalog (db init: pgstac + numeric queryables) and upsert into it."""
+    from pypgstac.db import PgstacDB
+    from pypgstac.load import Loader, Methods
+
+    init_database(url)
+    pgdb = PgstacDB(dsn=url)
+    try:
+        loader = Loader(pgdb)
+        loader.load_collections(iter(list(collections)), Methods.upsert)
+        loader.load_items(iter(list(items)), Methods.upsert)
+    finally:
+        pool = pgdb.pool
+        pgdb.disconnect()
+        if pool is not None:
+            pool.close()
+
+
+def asyncpg_url(url: str) -> str:
+    """A libpq URL or keyword string as the URL asyncpg (stac-fastapi-pgstac) accepts."""
+    params = conninfo_to_dict(url)
+    user = quote(str(params.get("user") or "postgres"))
+    password = params.get("password")
+    auth = f"{user}:{quote(str(password))}" if password else user
+    host = str(params.get("host") or "127.0.0.1")
+    port = str(params.get("port") or 5432)
+    dbname = quote(str(params.get("dbname") or "postgres"))
+    if host.startswith("/"):  # unix socket directory
+        return f"postgresql://{auth}@/{dbname}?host={quote(host, safe='/')}&port={port}"
+    return f"postgresql://{auth}@{host}:{port}/{dbname}"
+
+
+# -- serving it -------------------------------------------------------------------------------
+
+
+class FaultInjector:
+    """ASGI middleware: answer the next N matching requests with an HTTP error status.
+
+    Used to show that STAC API calls are retried (`fail_next(2, 500)` -> two 500s, then the
+    real answer). `requests` records every (method, path) seen.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._faults: deque[tuple[str, int]] = deque()
+        self._lock = threading.Lock()
+        self.requests: list[tuple[str, str, int | None]] = []
+
+    def fail_next(self, count: int, status: int = 500, path: str = "/search") -> None:
+        with self._lock:
+            self._faults.extend([(path, status)] * count)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self.requests.clear()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            status = None
+            with self._lock:
+                if self._faults and scope["path"].startswith(self._faults[0][0]):
+                    status = self._faults.popleft()[1]
+                self.requests.append((scope["method"], scope["path"], status))
+            if status is not None:
+                body = json.dumps({"code": "InjectedFault", "description": "injected"}).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class StacApiServer:
+    """stac-fastapi-pgstac over the pgstac database at `database_url`, on 127.0.0.1."""
+
+    def __init__(self, database_url: str, *, port: int | None = None) -> None:
+        import uvicorn
+        from stac_fastapi.pgstac.app import instantiate_api
+        from stac_fastapi.pgstac.config import PostgresSettings
+        from stac_fastapi.pgstac.config import Settings as ApiSettings
+        from stac_fastapi.pgstac.db import close_db_connection, connect_to_db
+
+        dsn = asyncpg_url(database_url)
+
+        class _Postgres(PostgresSettings):
+            # stac-fastapi builds a TCP URL from PG* fields; ours may be a unix socket.
+            @property
+            def connection_string(self) -> str:
+                return dsn
+
+        postgres = _Postgres(
+            pguser="-",
+            pgpassword="-",
+            pghost="-",
+            pgport=0,
+            pgdatabase="-",
+            db_min_conn_size=1,
+            db_max_conn_size=8,
+        )
+
+        @asynccontextmanager
+        async def lifespan(app: Any) -> Any:
+            await connect_to_db(app, postgres_settings=postgres)
+            yield
+            await close_db_connection(app)
+
+        api = instantiate_api(settings=ApiSettings(enabled_extensions=None), lifespan=lifespan)
+        self.faults = FaultInjector(api.app)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.faults, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="stac-api", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self._server.serve())
+
+    def start(self, timeout: float = 30.0) -> StacApiServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise DemoError(f"the STAC API did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> StacApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- the demo ---------------------------------------------------------------------------------
+
+SOURCE_DATABASE = "stacchip_demo_source"
+
+
+def build_demo_catalog(server_url: str, out_dir: Path) -> tuple[str, dict[str, Any]]:
+    """COGs under `out_dir`, catalog database beside the main one: `(catalog url, bases)`."""
+    bases = synthesize_assets(out_dir / "catalog")
+    items = [s2_item(bases["s2"], v, "sentinel-2-l2a") for v in s2_variants()]
+    items += [naip_item(bases["naip"], year) for year in NAIP_YEARS]
+    catalog_url = create_database(server_url, SOURCE_DATABASE)
+    load_catalog(
+        catalog_url,
+        [
+            collection_document(S2_COLLECTION_FIXTURE, "sentinel-2-l2a"),
+            collection_document(NAIP_COLLECTION_FIXTURE, "naip"),
+        ],
+        items,
+    )
+    return catalog_url, bases
+
+
+def _ingest(args: list[str]) -> None:
+    command = [sys.executable, "-m", "stacchip_db.cli", "ingest", *args]
+    log.info("$ stacchip-db ingest %s", " ".join(args))
+    subprocess.run(command, check=True)
+
+
+def _print_stored(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            """
+            SELECT collection, item_id, count(*), round(avg(cloud_fraction)::numeric, 3)
+            FROM stacchip.chips GROUP BY 1, 2 ORDER BY 1, 2
+            """
+        ).fetchall()
+        jobs = conn.execute(
+            "SELECT processor, job_index, status, jsonb_array_length(scenes), attempts "
+            "FROM stacchip.jobs ORDER BY processor, job_index"
+        ).fetchall()
+    click.echo("\nstored chips (collection, item, chips, mean cloud fraction):")
+    for collection, item_id, count, cloud in rows:
+        click.echo(f"  {collection:<16} {item_id:<40} {count:>4}  {cloud}")
+    click.echo("\njobs (processor, index, status, scenes, attempts):")
+    for processor, index, status, scenes, attempts in jobs:
+        click.echo(f"  {processor:<12} {index:>3}  {status:<10} {scenes:>2}  {attempts}")
+
+
+def main() -> None:
+    """Build and serve the demo catalog, ingest from it, print what was stored."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out_dir = Path(os.environ.get("STACCHIP_DEMO_OUTPUT", "demo-output")).absolute()
+    settings = Settings.from_env()
+    url = resolve_url(settings)
+    catalog_url, bases = build_demo_catalog(url, out_dir)
+    samples = out_dir / "samples"
+    s2_source = write_sample_source(samples / "mgrs.geojson", s2_sample_rows(2))
+    naip_source = write_sample_source(
+        samples / "naip.geojson", [(naip_sample_geometry(bases["naip"]), {"name": "al"})]
+    )
+    target = out_dir / "target"
+    with StacApiServer(catalog_url) as api:
+        log.info("demo STAC API at %s (pgstac database %s)", api.url, SOURCE_DATABASE)
+        _ingest(
+            [
+                "sentinel-2",
+                "--index",
+                "0",
+                "--sample-source",
+                str(s2_source),
+                "--target",
+                str(target),
+                "--stac-api",
+                api.url,
+            ]
+        )
+        _ingest(
+            [
+                "naip",
+                "--index",
+                "0",
+                "--sample-source",
+                str(naip_source),
+                "--target",
+                str(target),
+                "--stac-api",
+                api.url,
+            ]
+        )
+    _print_stored(url)
+    click.echo(f"\ncopied assets and stac_item.json files under {target}")
+
+
+if __name__ == "__main__":
+    main()

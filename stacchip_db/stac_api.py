@@ -1,0 +1,187 @@
+"""Searching a STAC API: pystac-client with bounded retries, and one-line errors.
+
+Retries only where they help: connection errors, timeouts, HTTP 429 and 5xx, with exponential
+backoff (urllib3's `Retry`, which also honours `Retry-After`) and a bound. Logic errors (4xx
+other than 429, bad JSON) are not retried. A search that finds nothing returns an empty list,
+never an `IndexError`; callers log and skip.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlparse
+
+import pystac
+import requests
+from pystac_client import Client
+from pystac_client.exceptions import APIError
+from pystac_client.stac_api_io import StacApiIO
+from pystac_client.warnings import DoesNotConformTo
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from stacchip_db.errors import StacchipError
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+DEFAULT_RETRIES = 5
+DEFAULT_BACKOFF_S = 0.5
+"""Waits 0.5, 1, 2, 4 … seconds between attempts (urllib3 caps a wait at 120 s)."""
+DEFAULT_TIMEOUT_S = (10.0, 60.0)
+"""(connect, read) timeout of one request."""
+
+
+class StacApiError(StacchipError):
+    """The STAC API could not be reached or refused a search, after retries."""
+
+
+def retry_policy(retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF_S) -> Retry:
+    """urllib3 retry policy for STAC API calls (GET and POST: searches are read-only)."""
+    return Retry(
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        backoff_factor=backoff,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=None,  # POST /search is safe to repeat
+        raise_on_status=False,  # the last answer reaches pystac-client, which reports it
+        respect_retry_after_header=True,
+    )
+
+
+def open_api(
+    url: str,
+    *,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF_S,
+    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT_S,
+    modifier: Callable[[Any], Any] | None = None,
+) -> Client:
+    """A pystac-client `Client` for the API at `url`, retrying as described above.
+
+    `modifier` is pystac-client's hook run on every item it returns (e.g. href signing).
+    """
+    stac_io = StacApiIO(max_retries=retry_policy(retries, backoff), timeout=timeout)
+    with _errors(f"STAC API {url}"):
+        return Client.open(url, stac_io=stac_io, modifier=modifier)
+
+
+def search(client: Client, *, max_items: int, **params: Any) -> list[pystac.Item]:
+    """Items of one search (at most `max_items`), in the API's order; [] when there are none.
+
+    `params` are `Client.search` keywords: collections, intersects, datetime, query, sortby…
+    """
+    where = f"search of STAC API {client.self_href}"
+    with _errors(where), warnings.catch_warnings():
+        # pystac-client warns when an API omits the sort conformance class although it sorts
+        # (stac-fastapi-pgstac); an API that cannot sort answers with an error instead.
+        warnings.simplefilter("ignore", DoesNotConformTo)
+        items = list(client.search(max_items=max_items, **params).items())
+    if not items:
+        log.info("no items for %s", _describe(params))
+    return items
+
+
+def search_one(client: Client, **params: Any) -> pystac.Item | None:
+    """The first item of a search (sort it with `sortby`), or None when it finds nothing."""
+    items = search(client, max_items=1, **params)
+    return items[0] if items else None
+
+
+def _describe(params: dict[str, Any]) -> str:
+    shown = {k: v for k, v in params.items() if k != "intersects"}
+    if "intersects" in params:
+        shown["intersects"] = getattr(params["intersects"], "geom_type", "geometry")
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+@contextmanager
+def _errors(where: str) -> Iterator[None]:
+    """Turn request/API failures (after retries) into one-line `StacApiError`s."""
+    try:
+        yield
+    except APIError as exc:
+        if isinstance(exc.__cause__ or exc.__context__, requests.RequestException):
+            _raise_unreachable(where, exc.__cause__ or exc.__context__, exc)
+        status_code = getattr(exc, "status_code", None)
+        status = f"HTTP {status_code}: " if status_code else ""
+        lines = str(exc).strip().splitlines()
+        detail = lines[0][:300] if lines else type(exc).__name__
+        raise StacApiError(
+            f"{where} failed after retries ({status}{detail}); check --stac-api and the search "
+            "parameters, or re-run the job later"
+        ) from exc
+    except requests.RequestException as exc:
+        _raise_unreachable(where, exc, exc)
+
+
+def _raise_unreachable(where: str, cause: BaseException, exc: BaseException) -> None:
+    lines = str(cause).strip().splitlines()
+    detail = lines[0][:300] if lines else ""
+    raise StacApiError(
+        f"{where} unreachable after retries ({type(cause).__name__}: {detail}); check "
+        "--stac-api or re-run the job later"
+    ) from exc
+
+
+# -- Planetary Computer href signing ----------------------------------------------------------
+# Planetary Computer's blobs (NAIP, Sentinel-1 RTC, MODIS) need a SAS token appended to each
+# href. This is the SAS token API the `planetary-computer` package calls, without the package:
+# one token per storage account and container, cached until shortly before it expires. The
+# processors pass `sign_planetary_computer` as pystac-client's `modifier` only when the API is
+# not a loopback test server (`--sign/--no-sign` overrides).
+
+PC_SAS_TOKEN_URL = "https://planetarycomputer.microsoft.com/api/sas/v1/token"
+_TOKEN_MARGIN = timedelta(minutes=5)
+_tokens: dict[tuple[str, str], tuple[str, datetime]] = {}
+_tokens_lock = threading.Lock()
+
+
+def sign_planetary_computer(obj: Any, *, token_url: str = PC_SAS_TOKEN_URL) -> None:
+    """Append a SAS token to every Azure-blob href of an Item or ItemCollection, in place."""
+    items = [obj] if isinstance(obj, pystac.Item) else list(getattr(obj, "items", []) or [])
+    for item in items:
+        if not isinstance(item, pystac.Item):
+            continue
+        for asset in item.assets.values():
+            parsed = urlparse(asset.href)
+            host = parsed.hostname or ""
+            if not host.endswith(".blob.core.windows.net") or parsed.query:
+                continue
+            account = host.split(".", 1)[0]
+            container = parsed.path.lstrip("/").split("/", 1)[0]
+            asset.href = f"{asset.href}?{_sas_token(account, container, token_url)}"
+
+
+def _sas_token(account: str, container: str, token_url: str) -> str:
+    key = (account, container)
+    now = datetime.now(UTC)
+    with _tokens_lock:
+        cached = _tokens.get(key)
+        if cached is not None and cached[1] - _TOKEN_MARGIN > now:
+            return cached[0]
+        session = requests.Session()
+        session.mount("https://", HTTPAdapter(max_retries=retry_policy()))
+        session.mount("http://", HTTPAdapter(max_retries=retry_policy()))
+        url = f"{token_url.rstrip('/')}/{account}/{container}"
+        try:
+            response = session.get(url, timeout=DEFAULT_TIMEOUT_S)
+            response.raise_for_status()
+            body = response.json()
+            token = str(body["token"])
+            expiry = datetime.fromisoformat(str(body["msft:expiry"]).replace("Z", "+00:00"))
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            raise StacApiError(
+                f"cannot get a Planetary Computer SAS token from {url}: {exc}; retry later or "
+                "pass --no-sign for an API whose hrefs need no signing"
+            ) from exc
+        _tokens[key] = (token, expiry)
+        return token
