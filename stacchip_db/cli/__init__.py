@@ -70,6 +70,11 @@ def _register() -> None:
 
     main.add_command(db.db)
 
+    from stacchip_db.cli import chips
+
+    main.add_command(chips.chips)
+    main.add_command(chips.sample)
+
     from stacchip_db.cli import prechip
 
     main.add_command(prechip.prechip)

@@ -1,0 +1,190 @@
+"""`stacchip-db chips` and `stacchip-db sample`: filters, outputs, --sql, usage errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import geopandas
+import psycopg
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import error_line, run_cli
+from tests.test_selection import CHIPS, store_chips
+
+
+@pytest.fixture
+def chips_url(database_url: str) -> str:
+    store_chips(database_url, CHIPS)
+    return database_url
+
+
+def _csv_rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_chips_table_lists_the_filtered_chips(chips_url: str) -> None:
+    result = run_cli(
+        ["chips", "--collection", "landsat-c2-l2", "--max-cloud", "0.3"], database_url=chips_url
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["chip_id", "collection", "chip_size"]
+    assert [line.split()[0] for line in lines[1:]] == ["LC_C-0-0", "LC_C-1-0", "LC_C-1-1"]
+
+
+def test_chips_csv_with_limit(chips_url: str) -> None:
+    result = run_cli(
+        ["chips", "--format", "csv", "--limit", "4", "--bbox", "9,44,11,46"], database_url=chips_url
+    )
+    assert result.exit_code == 0, result.output
+    rows = _csv_rows(result.stdout)
+    assert len(rows) == 4
+    assert rows[0]["geometry"].startswith("POLYGON")
+    assert {"chip_id", "item_id", "chip_index_x", "cloud_fraction", "datetime"} <= set(rows[0])
+
+
+def test_geojson_output_parses(chips_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "chips.geojson"
+    result = run_cli(
+        ["chips", "--format", "geojson", "--months", "7", "-o", str(out)], database_url=chips_url
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    ids = sorted(f["properties"]["chip_id"] for f in document["features"])
+    assert ids == [f"S2_B-{x}-{y}" for x in range(3) for y in range(2)]
+    assert document["features"][0]["geometry"]["type"] == "Polygon"
+    assert geopandas.read_file(out).shape[0] == 6
+
+
+def test_parquet_output_is_geoparquet(chips_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "chips.parquet"
+    result = run_cli(
+        ["sample", "-n", "5", "--seed", "3", "--format", "parquet", "-o", str(out)],
+        database_url=chips_url,
+    )
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.num_rows == 5 and b"geo" in table.schema.metadata
+    frame = geopandas.read_parquet(out)
+    assert frame.crs.to_epsg() == 4326 and frame.geometry.is_valid.all()
+
+
+def test_parquet_needs_an_output_file(chips_url: str) -> None:
+    result = run_cli(["chips", "--format", "parquet"], database_url=chips_url)
+    assert result.exit_code == 2 and "--output" in result.output
+
+
+def test_sample_is_reproducible_from_the_command_line(chips_url: str) -> None:
+    def ids(seed: str) -> list[str]:
+        result = run_cli(
+            ["sample", "-n", "6", "--seed", seed, "--format", "csv"], database_url=chips_url
+        )
+        assert result.exit_code == 0, result.output
+        return [row["chip_id"] for row in _csv_rows(result.stdout)]
+
+    assert ids("5") == ids("5")
+    assert len(set(ids("5"))) == 6
+    assert ids("5") != ids("6")
+
+
+def test_sample_stratified_and_split(chips_url: str) -> None:
+    result = run_cli(
+        ["sample", "-n", "4", "--stratify-by", "collection", "--format", "csv"],
+        database_url=chips_url,
+    )
+    assert result.exit_code == 0, result.output
+    collections = [row["collection"] for row in _csv_rows(result.stdout)]
+    assert sorted(collections) == ["landsat-c2-l2"] * 2 + ["sentinel-2-l2a"] * 2
+    splits = {}
+    for split in ("train", "val", "test"):
+        result = run_cli(
+            ["sample", "-n", "100", "--split", split, "--block-size", "0.05", "--format", "csv"],
+            database_url=chips_url,
+        )
+        assert result.exit_code == 0, result.output
+        splits[split] = {row["chip_id"] for row in _csv_rows(result.stdout)}
+    assert sum(len(s) for s in splits.values()) == len(CHIPS)
+    assert set.union(*splits.values()) == {c.chip_id for c in CHIPS}
+
+
+def test_sql_prints_pasteable_sql_that_returns_the_same_rows(chips_url: str) -> None:
+    args = [
+        "sample",
+        "-n",
+        "5",
+        "--seed",
+        "8",
+        "--max-cloud",
+        "0.5",
+        "--datetime",
+        "2020-01-01/..",
+        "--collection",
+        "sentinel-2-l2a",
+        "--collection",
+        "landsat-c2-l2",
+    ]
+    printed = run_cli([*args, "--sql"], database_url=chips_url)
+    assert printed.exit_code == 0, printed.output
+    query = printed.stdout
+    assert query.rstrip().endswith(";") and "stacchip.sample_chips(" in query
+    ran = run_cli([*args, "--format", "csv"], database_url=chips_url)
+    expected = [row["chip_id"] for row in _csv_rows(ran.stdout)]
+    with psycopg.connect(chips_url) as conn:  # as psql would: the text alone, no parameters
+        got = [row[0] for row in conn.execute(query).fetchall()]
+    assert got == expected and len(got) == 5
+
+
+def test_intersects_reads_a_geojson_file(chips_url: str, tmp_path: Path) -> None:
+    area = tmp_path / "area.geojson"
+    area.write_text(
+        json.dumps(
+            {
+                "type": "Polygon",
+                "coordinates": [
+                    [[20.0, -5.2], [20.1, -5.2], [20.1, -5.0], [20.0, -5.0], [20.0, -5.2]]
+                ],
+            }
+        )
+    )
+    result = run_cli(
+        ["chips", "--intersects", str(area), "--format", "csv"], database_url=chips_url
+    )
+    assert result.exit_code == 0, result.output
+    ids = sorted(row["chip_id"] for row in _csv_rows(result.stdout))
+    # The polygon covers chip (0, 0) and (0, 1) and touches the edge of (1, 0) and (1, 1).
+    assert ids == ["S2_B-0-0", "S2_B-0-1", "S2_B-1-0", "S2_B-1-1"]
+
+
+@pytest.mark.parametrize(
+    "args, hint",
+    [
+        (["chips", "--bbox", "1,2,3"], "--bbox"),
+        (["chips", "--bbox", "west,2,3,4"], "--bbox"),
+        (["chips", "--bbox", "10,50,0,40"], "--bbox"),
+        (["chips", "--max-cloud", "20"], "--max-cloud"),
+        (["chips", "--months", "13"], "--months"),
+        (["chips", "--start", "yesterday"], "--start"),
+        (["chips", "--start", "2022", "--end", "2021"], "--start/--end"),
+        (["chips", "--datetime", "2020/2021", "--start", "2020"], "--datetime"),
+        (["chips", "--split-fractions", "0.5,0.5,0.5"], "--split-fractions"),
+        (["chips", "--intersects", "missing.geojson"], "--intersects"),
+        (["sample", "--seed", "1"], "-n"),
+        (["sample", "-n", "3", "--stratify-by", "month"], "--stratify-by"),
+    ],
+)
+def test_bad_options_are_usage_errors_naming_the_option(
+    chips_url: str, args: list[str], hint: str
+) -> None:
+    result = run_cli(args, database_url=chips_url)
+    assert result.exit_code == 2, result.output
+    assert hint in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_a_database_behind_is_one_line(empty_database_url: str) -> None:
+    result = run_cli(["chips"], database_url=empty_database_url)
+    assert "db init" in error_line(result)
