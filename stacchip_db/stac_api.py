@@ -9,6 +9,7 @@ never an `IndexError`; callers log and skip.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -140,25 +141,44 @@ def _raise_unreachable(where: str, cause: BaseException, exc: BaseException) -> 
 # not a loopback test server (`--sign/--no-sign` overrides).
 
 PC_SAS_TOKEN_URL = "https://planetarycomputer.microsoft.com/api/sas/v1/token"
+PC_SAS_TOKEN_URL_ENV = "STACCHIP_PC_SAS_TOKEN_URL"
+"""Overrides the token API (a mirror, a proxy, a test server)."""
 _TOKEN_MARGIN = timedelta(minutes=5)
 _tokens: dict[tuple[str, str], tuple[str, datetime]] = {}
 _tokens_lock = threading.Lock()
 
 
-def sign_planetary_computer(obj: Any, *, token_url: str = PC_SAS_TOKEN_URL) -> None:
-    """Append a SAS token to every Azure-blob href of an Item or ItemCollection, in place."""
-    items = [obj] if isinstance(obj, pystac.Item) else list(getattr(obj, "items", []) or [])
-    for item in items:
-        if not isinstance(item, pystac.Item):
-            continue
-        for asset in item.assets.values():
-            parsed = urlparse(asset.href)
-            host = parsed.hostname or ""
-            if not host.endswith(".blob.core.windows.net") or parsed.query:
-                continue
-            account = host.split(".", 1)[0]
-            container = parsed.path.lstrip("/").split("/", 1)[0]
-            asset.href = f"{asset.href}?{_sas_token(account, container, token_url)}"
+def sign_planetary_computer(obj: Any, *, token_url: str | None = None) -> None:
+    """Append a SAS token to every Azure-blob href, in place.
+
+    `obj` is what pystac-client hands its modifier: a pystac Item or ItemCollection, or a
+    search page / item as a dict. `token_url` defaults to `$STACCHIP_PC_SAS_TOKEN_URL`, else
+    Planetary Computer's token API.
+    """
+    token_url = token_url or os.environ.get(PC_SAS_TOKEN_URL_ENV) or PC_SAS_TOKEN_URL
+    if isinstance(obj, pystac.Item):
+        for asset in obj.assets.values():
+            asset.href = sign_href(asset.href, token_url=token_url)
+    elif isinstance(obj, pystac.ItemCollection):
+        for item in obj.items:
+            sign_planetary_computer(item, token_url=token_url)
+    elif isinstance(obj, dict):
+        for feature in obj.get("features") or []:
+            sign_planetary_computer(feature, token_url=token_url)
+        for asset in (obj.get("assets") or {}).values():
+            if isinstance(asset, dict) and "href" in asset:
+                asset["href"] = sign_href(asset["href"], token_url=token_url)
+
+
+def sign_href(href: str, *, token_url: str) -> str:
+    """`href` with a SAS token appended when it is an unsigned Azure blob URL."""
+    parsed = urlparse(href)
+    host = parsed.hostname or ""
+    if not host.endswith(".blob.core.windows.net") or parsed.query:
+        return href
+    account = host.split(".", 1)[0]
+    container = parsed.path.lstrip("/").split("/", 1)[0]
+    return f"{href}?{_sas_token(account, container, token_url)}"
 
 
 def _sas_token(account: str, container: str, token_url: str) -> str:

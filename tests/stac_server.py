@@ -98,3 +98,46 @@ def stac_api(stac_catalog: StacCatalog) -> Iterator[StacCatalog]:
     stac_catalog.faults.clear()
     yield stac_catalog
     stac_catalog.faults.clear()
+
+
+@dataclass
+class SasTokenServer:
+    url: str
+    requests: list[str]
+
+
+@pytest.fixture
+def sas_token_server() -> Iterator[SasTokenServer]:
+    """A loopback stand-in for Planetary Computer's SAS token API (`/{account}/{container}`)."""
+    import json
+    import threading
+    from datetime import UTC, datetime, timedelta
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from stacchip_db import stac_api
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            expiry = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+            body = json.dumps({"token": "sv=test&sig=abc", "msft:expiry": expiry}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    stac_api._tokens.clear()
+    try:
+        yield SasTokenServer(f"http://127.0.0.1:{server.server_address[1]}", seen)
+    finally:
+        stac_api._tokens.clear()
+        server.shutdown()
