@@ -259,7 +259,10 @@ def _http_stream(url: str) -> Iterator[requests.Response]:
         if not response.ok:
             raise StorageError(f"GET {url} answered HTTP {response.status_code}")
         response.raw.decode_content = True
-        yield response
+        try:
+            yield response
+        except requests.RequestException as exc:  # the stream broke off mid-body
+            raise StorageError(f"reading {url} failed part-way: {exc}") from exc
 
 
 def _write_atomically(destination: Path, fill: Callable[[Path], object]) -> None:
