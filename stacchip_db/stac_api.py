@@ -85,6 +85,8 @@ def search(client: Client, *, max_items: int, **params: Any) -> list[pystac.Item
         # pystac-client warns when an API omits the sort conformance class although it sorts
         # (stac-fastapi-pgstac); an API that cannot sort answers with an error instead.
         warnings.simplefilter("ignore", DoesNotConformTo)
+        # pystac's storage-extension migration warns about every non-S3 href it cannot parse.
+        warnings.filterwarnings("ignore", "Could not parse bucket/account", UserWarning)
         items = list(client.search(max_items=max_items, **params).items())
     if not items:
         log.info("no items for %s", _describe(params))
