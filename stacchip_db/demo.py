@@ -372,7 +372,14 @@ class StacApiServer:
             yield
             await close_db_connection(app)
 
-        api = instantiate_api(settings=ApiSettings(enabled_extensions=None), lifespan=lifespan)
+        settings = ApiSettings(
+            enabled_extensions=None,
+            stac_fastapi_title="stacchip-db demo catalog",
+            stac_fastapi_description="Synthetic Sentinel-2 and NAIP scenes served on loopback",
+            stac_fastapi_landing_id="stacchip-demo",
+            stac_fastapi_version="1.0.0",
+        )
+        api = instantiate_api(settings=settings, lifespan=lifespan)
         self.faults = FaultInjector(api.app)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
