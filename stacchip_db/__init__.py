@@ -14,7 +14,11 @@ def __getattr__(name: str):
         from stacchip_db.index import index_item
 
         return index_item
+    if name == "ChipDataset":
+        from stacchip_db.dataset import ChipDataset
+
+        return ChipDataset
     raise AttributeError(f"module 'stacchip_db' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "index_item"]
+__all__ = ["ChipDataset", "__version__", "index_item"]

@@ -86,22 +86,21 @@ class ChipSelection:
 
 
 def _as_sql(query: Any) -> tuple[sql.Composable, Any]:
-    """`(statement, params)` for a SQL string, a psycopg Composable or a filter object.
+    """`(statement, params)` for SQL text, a psycopg Composable, a ChipFilter or a built
+    selection (`selection.build_selection`)."""
+    from stacchip_db.selection import ChipFilter, SelectionQuery, build_selection
 
-    A filter object (the selection module's ChipFilter) gives its SELECT through
-    `to_sql()` -> `(sql, params)`.
-    """
     if isinstance(query, str):
         if not query.strip():
             raise QueryError("--query is empty; pass a SELECT returning the chip key columns")
         return sql.SQL(query.strip().rstrip(";")), None  # type: ignore[arg-type]
+    if isinstance(query, ChipFilter):
+        query = build_selection(query)
+    if isinstance(query, SelectionQuery):
+        return query.query, query.params
     if isinstance(query, sql.Composable):
         return query, None
-    to_sql = getattr(query, "to_sql", None)
-    if to_sql is None:
-        raise QueryError(f"cannot select chips from a {type(query).__name__}; pass SQL")
-    statement, params = to_sql()
-    return (sql.SQL(statement) if isinstance(statement, str) else statement), params
+    raise QueryError(f"cannot select chips with a {type(query).__name__}; pass SQL or a filter")
 
 
 def load_selection(
@@ -301,9 +300,10 @@ class ChipDataset:
     their items, no connection and no open file; each worker process opens the COGs it needs on
     first use and keeps them open (`reader.DATASETS`, keyed by href).
 
-    `query` is SQL (or a ChipFilter) returning the chip key columns; `bands`/`platform` as in
-    prechip. Items of `[i]`: `pixels` float32 `(C, H, W)`, `bands`, `chip_id`, `collection`,
-    `item_id`, `chip_index_x`, `chip_index_y`, `chip_size`, `datetime` (ISO 8601), `lon`, `lat`
+    `query` is SQL returning the chip key columns, a `selection.ChipFilter`, or a built
+    `selection.SelectionQuery` (e.g. a seeded sample); `bands`/`platform` as in prechip.
+    Items of `[i]`: `pixels` float32 `(C, H, W)`, `bands`, `chip_id`, `collection`, `item_id`,
+    `chip_index_x`, `chip_index_y`, `chip_size`, `datetime` (ISO 8601), `lon`, `lat`
     (footprint centre, degrees), `cloud_fraction`, `nodata_fraction`, and the Clay metadata
     `lat_norm`, `lon_norm`, `week_norm`, `hour_norm` (float32 `(2,)`).
     """

@@ -21,17 +21,22 @@ Cube contents (ARCHITECTURE.md): `pixels` float32 `(N, C, H, W)` in the platform
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import groupby
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
@@ -164,9 +169,10 @@ def plan_cubes(
 
 @dataclass(frozen=True)
 class ReadTask:
-    """Chips `positions` (rows of cube `cube`) of one item, read together."""
+    """Chips `positions` (consecutive rows of cube `cube`) of one item, read together."""
 
     cube: int
+    cube_rows: int
     positions: tuple[int, ...]
     item: dict[str, Any]
     chips: tuple[tuple[int, int], ...]
@@ -186,14 +192,15 @@ def read_tasks(
     tasks = []
     for cube, plan in enumerate(plans):
         chunk = max(1, math.ceil(len(plan.rows) / max(1, jobs)))
-        positions = sorted(range(len(plan.rows)), key=lambda p: _sort_key(plan.rows[p]))
-        for key, group in groupby(positions, key=lambda p: plan.rows[p].item_key):
+        # plan rows are sorted by key: an item's chips are consecutive rows
+        for key, group in groupby(range(len(plan.rows)), key=lambda p: plan.rows[p].item_key):
             members = list(group)
             for start in range(0, len(members), chunk):
                 part = members[start : start + chunk]
                 tasks.append(
                     ReadTask(
                         cube,
+                        len(plan.rows),
                         tuple(part),
                         items[key],
                         tuple((plan.rows[p].chip_index_x, plan.rows[p].chip_index_y) for p in part),
@@ -215,12 +222,41 @@ class TaskResult:
     failures: list[ChipFailure]
 
 
-def read_pixels(task: ReadTask) -> TaskResult:
-    """Worker function of prechip: the task's chips' pixels."""
-    got = read_item_chips(
-        task.item, task.chips, task.bands, chip_size=task.chip_size, lanes=task.lanes
-    )
-    return TaskResult(task, got.pixels, got.ok, got.failures)
+def _shared_name(prefix: str, cube: int) -> str:
+    return f"{prefix}-{cube}"
+
+
+def _attach(name: str) -> SharedMemory:
+    # Python >= 3.13: an attaching process must not track (and later unlink) the segment;
+    # before that, forked workers share the parent's resource tracker, which is harmless.
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name=name, track=False)  # type: ignore[call-arg]
+    return SharedMemory(name=name)
+
+
+def read_into_shared(prefix: str, task: ReadTask) -> TaskResult:
+    """Worker function of prechip with `--jobs`: read the task's chips straight into the cube,
+    which lives in shared memory (no pixels travel through pipes, no copy in the parent)."""
+    shm = _attach(_shared_name(prefix, task.cube))
+    try:
+        cube = np.ndarray(_cube_shape(task), dtype=np.float32, buffer=shm.buf)
+        got = read_item_chips(
+            task.item,
+            task.chips,
+            task.bands,
+            chip_size=task.chip_size,
+            lanes=task.lanes,
+            out=cube[_rows(task)],
+        )
+        ok, failures = got.ok, got.failures
+        del cube, got  # views of the segment must go before it is closed
+    finally:
+        shm.close()
+    return TaskResult(task, None, ok, failures)
+
+
+def _cube_shape(task: ReadTask) -> tuple[int, int, int, int]:
+    return (task.cube_rows, len(task.bands), task.chip_size, task.chip_size)
 
 
 def run_tasks(
@@ -228,12 +264,14 @@ def run_tasks(
     work: Callable[[ReadTask], TaskResult],
     *,
     jobs: int = 1,
+    before_submit: Callable[[ReadTask], None] | None = None,
 ) -> Iterator[TaskResult]:
     """Results of `work(task)` for every task, in completion order.
 
     `jobs` > 1 runs them in that many worker processes (forked where the platform allows: the
     workers need nothing but the task), keeping at most 2 × jobs tasks in flight so memory stays
-    bounded whatever the number of tasks.
+    bounded whatever the number of tasks. `before_submit(task)` runs in this process just
+    before a task is handed to a worker.
     """
     if jobs <= 1:
         for task in tasks:
@@ -251,6 +289,8 @@ def run_tasks(
                 if task is None:
                     exhausted = True
                 else:
+                    if before_submit is not None:
+                        before_submit(task)
                     pending.add(pool.submit(work, task))
             if not pending:
                 break
@@ -280,32 +320,81 @@ def read_cubes(
     lanes: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[CubeRead]:
-    """Each cube's pixels as soon as all its chips are read (cubes in completion order)."""
+    """Each cube's pixels as soon as all its chips are read (cubes in completion order).
+
+    The chips are read straight into the float32 cube (GDAL converts while it decodes); with
+    `jobs` > 1 the cube lives in shared memory and the workers write their rows into it. A
+    yielded cube's pixels are valid until the next iteration.
+    """
     tasks = read_tasks(plans, items, jobs=jobs, lanes=lanes)
     remaining = [0] * len(plans)
     for task in tasks:
         remaining[task.cube] += 1
     buffers: dict[int, CubeRead] = {}
-    for result in run_tasks(tasks, read_pixels, jobs=jobs):
-        task = result.task
-        plan = plans[task.cube]
+    shared: dict[int, SharedMemory] = {}
+    prefix = f"stacchip-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+    def cube_of(task: ReadTask) -> CubeRead:
         cube = buffers.get(task.cube)
         if cube is None:
-            shape = (len(plan.rows), len(plan.bands), task.chip_size, task.chip_size)
+            shape = _cube_shape(task)
+            if jobs > 1:  # workers write into it: shared memory
+                size = int(np.prod(shape)) * 4
+                segment = SharedMemory(_shared_name(prefix, task.cube), create=True, size=size)
+                shared[task.cube] = segment
+                pixels = np.ndarray(shape, dtype=np.float32, buffer=segment.buf)
+            else:
+                pixels = np.empty(shape, dtype=np.float32)
             cube = buffers[task.cube] = CubeRead(
-                plan, np.empty(shape, dtype=np.float32), np.ones(len(plan.rows), dtype=bool)
+                plans[task.cube], pixels, np.ones(task.cube_rows, dtype=bool)
             )
-        positions = np.asarray(task.positions)
-        cube.pixels[positions] = result.value
-        cube.ok[positions] = result.ok
-        for failure in result.failures:
-            row = plan.rows[task.positions[failure.position]]
-            cube.failures.append((row, failure.href, failure.message))
-        if progress is not None:
-            progress(len(task.positions))
-        remaining[task.cube] -= 1
-        if remaining[task.cube] == 0:
-            yield buffers.pop(task.cube)
+        return cube
+
+    def results() -> Iterator[TaskResult]:
+        if jobs > 1:
+            work = functools.partial(read_into_shared, prefix)
+            yield from run_tasks(tasks, work, jobs=jobs, before_submit=cube_of)
+            return
+        for task in tasks:
+            got = read_item_chips(
+                task.item,
+                task.chips,
+                task.bands,
+                chip_size=task.chip_size,
+                lanes=task.lanes,
+                out=cube_of(task).pixels[_rows(task)],
+            )
+            yield TaskResult(task, None, got.ok, got.failures)
+
+    def release(index: int) -> None:
+        segment = shared.pop(index, None)
+        if segment is not None:
+            segment.unlink()  # the memory goes when the last view of it does
+            with contextlib.suppress(BufferError):
+                segment.close()
+
+    try:
+        for result in results():
+            task = result.task
+            cube = cube_of(task)
+            cube.ok[_rows(task)] = result.ok
+            for failure in result.failures:
+                row = cube.plan.rows[task.positions[failure.position]]
+                cube.failures.append((row, failure.href, failure.message))
+            if progress is not None:
+                progress(len(task.positions))
+            remaining[task.cube] -= 1
+            if remaining[task.cube] == 0:
+                yield buffers.pop(task.cube)
+                release(task.cube)
+    finally:
+        for index in list(shared):
+            release(index)
+
+
+def _rows(task: ReadTask) -> slice:
+    """The cube rows of a task: consecutive, as `read_tasks` cuts runs of sorted rows."""
+    return slice(task.positions[0], task.positions[-1] + 1)
 
 
 def cube_arrays(

@@ -225,11 +225,20 @@ class ItemChips:
 
 
 def _read_window(
-    src: Any, grid: ChipGrid, x: int, y: int, indexes: tuple[int, ...], asset: str
+    src: Any,
+    grid: ChipGrid,
+    x: int,
+    y: int,
+    indexes: tuple[int, ...],
+    asset: str,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """`(len(indexes), cs, cs)` pixels of chip (x, y) from an open dataset."""
+    """`(len(indexes), cs, cs)` pixels of chip (x, y) from an open dataset, into `out` if given.
+
+    `out` may have another dtype (GDAL converts while decoding) and may be a strided view, so
+    callers can read straight into a cube without an intermediate array.
+    """
     cs = grid.chip_size
-    fx, fy, _, _ = grid.alignment(src.transform, asset=asset)
     window = grid.window(x, y, src.transform, asset=asset)
     inside = (
         window.col_off >= 0
@@ -238,13 +247,18 @@ def _read_window(
         and window.row_off + window.height <= src.height
     )
     fill = src.nodata if src.nodata is not None else 0
-    if cs % fx == 0 and cs % fy == 0:
+    # The window's size in asset pixels gives the asset's factor relative to the finest grid.
+    fx, fy = cs / window.width, cs / window.height
+    if fx == fy == 1:
+        return src.read(indexes, window=window, boundless=not inside, fill_value=fill, out=out)
+    if fx.is_integer() and fy.is_integer():
         data = src.read(indexes, window=window, boundless=not inside, fill_value=fill)
-        if fy > 1:
-            data = np.repeat(data, fy, axis=1)
-        if fx > 1:
-            data = np.repeat(data, fx, axis=2)
-        return data
+        n, h, w = data.shape
+        if out is None:
+            out = np.empty((n, cs, cs), dtype=data.dtype)
+        # Nearest upsampling by the integer factors in one pass: each pixel becomes fy x fx.
+        out.reshape(n, h, int(fy), w, int(fx))[...] = data[:, :, None, :, None]
+        return out
     # The factor does not divide the chip size: GDAL's nearest resampling of the fractional
     # window is the same nearest upsampling, done by GDAL.
     return src.read(
@@ -254,6 +268,7 @@ def _read_window(
         resampling=Resampling.nearest,
         boundless=not inside,
         fill_value=fill,
+        out=out,
     )
 
 
@@ -287,11 +302,14 @@ def read_item_chips(
     chip_size: int,
     lanes: int | None = None,
     dtype: Any = None,
+    out: np.ndarray | None = None,
 ) -> ItemChips:
     """Pixels `(len(chips), len(bands), chip_size, chip_size)` of chips `(x, y)` of `item`.
 
     `lanes` (default: 1 for local files, `REMOTE_LANES` for remote ones) is the number of
-    concurrent readers. The array's dtype is `dtype`, else that of the assets (promoted).
+    concurrent readers. The pixels go into `out` when given (any dtype, e.g. a slice of a
+    float32 cube), else into a new array of `dtype`, else of the assets' (promoted) dtype.
+    Chips that fail are zero.
     An asset that cannot be opened fails every chip; a window that cannot be read, its chip.
     Raises BandError / GridError when the item cannot give these bands on this grid at all.
     """
@@ -302,7 +320,10 @@ def read_item_chips(
     if any(is_remote(r.href) for r in reads):
         configure_gdal()
     n = len(chips)
-    pixels = np.zeros((n, len(bands), chip_size, chip_size), dtype=dtype or _dtype(item, reads))
+    shape = (n, len(bands), chip_size, chip_size)
+    if out is not None and out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+    pixels = out if out is not None else np.empty(shape, dtype=dtype or _dtype(item, reads))
     ok = np.ones(n, dtype=bool)
     failures: list[ChipFailure] = []
     lock = threading.Lock()
@@ -326,12 +347,18 @@ def read_item_chips(
                     if not ok[position]:
                         continue
                     x, y = chips[position]
+                    # Consecutive output bands are a view: read into place. Else via a copy.
+                    first, last = read.positions[0], read.positions[-1]
+                    contiguous = last - first + 1 == len(read.positions)
                     try:
-                        data = _read_window(src, grid, x, y, read.indexes, where)
+                        if contiguous:
+                            target = pixels[position, first : last + 1]
+                            _read_window(src, grid, x, y, read.indexes, where, out=target)
+                        else:
+                            data = _read_window(src, grid, x, y, read.indexes, where)
+                            pixels[position, list(read.positions)] = data
                     except (RasterioError, OSError) as exc:
                         fail(position, read.href, exc)
-                        continue
-                    pixels[position, list(read.positions)] = data
 
     work = _lanes(reads, n, lanes)
     if len(work) == 1:
@@ -341,6 +368,7 @@ def read_item_chips(
             for _ in pool.map(run, work):
                 pass
     failures.sort(key=lambda f: f.position)
+    pixels[~ok] = 0
     return ItemChips(pixels, ok, failures)
 
 

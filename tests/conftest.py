@@ -9,7 +9,9 @@ Outbound network is blocked for the whole session: loopback and unix sockets onl
 
 from __future__ import annotations
 
+import copy
 import itertools
+import json
 import os
 import shutil
 import socket
@@ -185,3 +187,42 @@ def error_line(result: Result) -> str:
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, result.stderr
     return errors[0]
+
+
+# -- indexed synthetic scenes (prechip, stats, dataset, pictures) -----------------------------
+
+S2_FIXTURE = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
+S2_BANDS = (
+    "blue", "green", "red", "rededge1", "rededge2", "rededge3", "nir", "nir08", "swir16", "swir22",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def s2_items(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Two synthetic Sentinel-2 items (10 bands + scl, ids suffixed _0 and _1) on the fixture's
+    grid at scale 10 (1098 px at 10 m, 549 px at 20 m)."""
+    from stacchip_db.synthetic import synthesize_item
+
+    source = json.loads((FIXTURES / S2_FIXTURE).read_text())
+    items = []
+    for n in range(2):
+        raw = copy.deepcopy(source)
+        raw["id"] = f"{source['id']}_{n}"
+        out = tmp_path_factory.mktemp(f"s2_{n}")
+        items.append(synthesize_item(raw, out, [*S2_BANDS, "scl"], scale=10, seed=n))
+    return items
+
+
+def store_indexed(database_url: str, items: list[dict], *, chip_size: int) -> int:
+    """Index `items` and store them with their chips (the `index` command's path); the number
+    of chips stored."""
+    from stacchip_db.db.store import store_item
+    from stacchip_db.index import index_item
+
+    total = 0
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for item in items:
+            chips = index_item(item, chip_size=chip_size)
+            store_item(conn, item, chips, chip_size=chip_size)
+            total += chips.num_rows
+    return total

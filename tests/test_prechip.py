@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,40 +17,16 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from stacchip_db.db.connection import connect
-from stacchip_db.db.store import store_item
-from stacchip_db.index import index_item
 from stacchip_db.reader import PLATFORMS
-from stacchip_db.synthetic import synthesize_item
-from tests.conftest import FIXTURES, error_line, run_cli
+from tests.conftest import error_line, run_cli, store_indexed
 
-S2_FIXTURE = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 S2_BANDS = list(PLATFORMS["sentinel-2-l2a"].bands)
 CHIP = 64  # 1098 px scene (scale 10): a 17 x 17 grid; 20 m bands read as 32 px windows
 ALL = "SELECT collection, item_id, chip_size, chip_index_x, chip_index_y FROM stacchip.chips"
 
 
-@pytest.fixture(scope="session")
-def s2_items(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Two synthetic Sentinel-2 items (10 bands + scl) on the fixture's grid, scale 10."""
-    source = json.loads((FIXTURES / S2_FIXTURE).read_text())
-    items = []
-    for n in range(2):
-        raw = copy.deepcopy(source)
-        raw["id"] = f"{source['id']}_{n}"
-        out = tmp_path_factory.mktemp(f"s2_{n}")
-        items.append(synthesize_item(raw, out, [*S2_BANDS, "scl"], scale=10, seed=n))
-    return items
-
-
 def store(database_url: str, items: list[dict]) -> int:
-    """Index and store `items`; the number of chips stored."""
-    total = 0
-    with connect(database_url, autocommit=True) as conn:
-        for item in items:
-            chips = index_item(item, chip_size=CHIP)
-            store_item(conn, item, chips, chip_size=CHIP)
-            total += chips.num_rows
-    return total
+    return store_indexed(database_url, items, chip_size=CHIP)
 
 
 def manifest(out: Path, collection: str, name: str = "manifest.parquet") -> list[dict]:

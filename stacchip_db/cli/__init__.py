@@ -75,9 +75,12 @@ def _register() -> None:
     main.add_command(chips.chips)
     main.add_command(chips.sample)
 
-    from stacchip_db.cli import prechip
+    from stacchip_db.cli import pictures, prechip, stats
 
     main.add_command(prechip.prechip)
+    main.add_command(stats.stats)
+    main.add_command(pictures.preview)
+    main.add_command(pictures.map_)
 
     from stacchip_db.cli import ingest
 

@@ -12,23 +12,27 @@ from typing import Any
 import click
 
 from stacchip_db.cli.options import CliContext, with_database
+from stacchip_db.cli.selection_options import selection_options
 from stacchip_db.dataset import STATEMENT_TIMEOUT_S, ChipSelection, load_selection
 from stacchip_db.db import Database
 from stacchip_db.errors import ConfigError
 from stacchip_db.reader import PLATFORMS
+from stacchip_db.selection import ChipFilter, Sampling, build_selection
 
 EXIT_CHIPS_FAILED = 3
 """Exit status of an export that finished but left out chips it could not read."""
 
 
 def chip_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """`--query SQL` and `--statement-timeout`: where a command's chips come from."""
+    """Where a command's chips come from: `--query SQL` (with `--statement-timeout`), or the
+    shared filter and sample options. The command receives `query`, `statement_timeout`,
+    `chip_filter` and `sampling`; `select` turns them into a `ChipSelection`."""
 
     @click.option(
         "--query",
         metavar="SQL",
         help="A SELECT returning at least collection, item_id, chip_size, chip_index_x, "
-        "chip_index_y; run read-only.",
+        "chip_index_y; run read-only. Instead of the filter and sample options.",
     )
     @click.option(
         "--statement-timeout",
@@ -36,8 +40,9 @@ def chip_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
         default=STATEMENT_TIMEOUT_S,
         show_default=True,
         metavar="SECONDS",
-        help="Time limit of the query.",
+        help="Time limit of the query selecting the chips.",
     )
+    @selection_options()
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         return func(*args, **kwargs)
@@ -45,11 +50,25 @@ def chip_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def select(db: Database, query: str | None, statement_timeout: float) -> ChipSelection:
-    """The chips the command's options select."""
-    if query is None:
-        raise ConfigError("no chips selected: pass --query SQL")
-    return load_selection(db.url, query, statement_timeout_s=statement_timeout)
+def select(
+    db: Database,
+    query: str | None,
+    statement_timeout: float,
+    chip_filter: ChipFilter,
+    sampling: Sampling | None,
+) -> ChipSelection:
+    """The chips the command's options select (read-only, with the statement timeout)."""
+    if query is not None:
+        if chip_filter != ChipFilter() or sampling is not None:
+            raise ConfigError(
+                "pass either --query SQL or filter/sample options, not both (put the filters "
+                "into the query's WHERE clause)"
+            )
+        return load_selection(db.url, query, statement_timeout_s=statement_timeout)
+    built = build_selection(chip_filter, sampling)
+    return load_selection(
+        db.url, built.query, built.params, statement_timeout_s=statement_timeout
+    )
 
 
 def band_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -155,6 +174,8 @@ def prechip(
     db: Database,
     query: str | None,
     statement_timeout: float,
+    chip_filter: ChipFilter,
+    sampling: Sampling | None,
     out: str,
     cube_size: int,
     bands: list[str] | None,
@@ -173,7 +194,7 @@ def prechip(
     from stacchip_db.prechip import export_cubes, shard_from_options
 
     part = shard_from_options(shard, shard_count)
-    selection = select(db, query, statement_timeout)
+    selection = select(db, query, statement_timeout, chip_filter, sampling)
     progress = ChipProgress("prechip", quiet())
     try:
         summary = export_cubes(

@@ -1,0 +1,82 @@
+"""`stacchip-db preview` and `stacchip-db map`: look at a selection before training on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from stacchip_db.cli.options import with_database
+from stacchip_db.cli.prechip import chip_source_options, select
+from stacchip_db.db import Database
+from stacchip_db.reader import PLATFORMS
+from stacchip_db.selection import ChipFilter, Sampling
+
+
+@click.command()
+@chip_source_options
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("preview.png"),
+    show_default=True,
+)
+@click.option(
+    "--max-chips",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Draw at most this many of the selected chips (in the query's order).",
+)
+@click.option(
+    "--platform", type=click.Choice(list(PLATFORMS)), help="Default: from the collection."
+)
+@click.option(
+    "--rgb",
+    callback=lambda _ctx, _param, value: value.split(",") if value else None,
+    metavar="R,G,B",
+    help="Bands shown as red, green, blue (default: the platform's).",
+)
+@with_database
+def preview(
+    db: Database,
+    query: str | None,
+    statement_timeout: float,
+    chip_filter: ChipFilter,
+    sampling: Sampling | None,
+    out: Path,
+    max_chips: int,
+    platform: str | None,
+    rgb: list[str] | None,
+) -> None:
+    """A PNG grid of the selected chips in RGB (2-98 % stretch), titled with chip ids."""
+    from stacchip_db.pictures import preview_png
+
+    if rgb is not None and len(rgb) != 3:
+        raise click.BadParameter(f"{','.join(rgb)!r} is not three bands", param_hint="--rgb")
+    selection = select(db, query, statement_timeout, chip_filter, sampling)
+    drawn = preview_png(selection, out, platform=platform, rgb=rgb, max_chips=max_chips)
+    click.echo(f"drew {drawn} of {len(selection)} selected chips into {out}")
+
+
+@click.command("map")
+@chip_source_options
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("map.png"),
+    show_default=True,
+)  # fmt: skip
+@with_database
+def map_(
+    db: Database,
+    query: str | None,
+    statement_timeout: float,
+    chip_filter: ChipFilter,
+    sampling: Sampling | None,
+    out: Path,
+) -> None:
+    """A PNG map of the selected chips' footprints (by cloud fraction) over their items'."""
+    from stacchip_db.pictures import map_png
+
+    selection = select(db, query, statement_timeout, chip_filter, sampling)
+    drawn = map_png(selection, out)
+    click.echo(f"mapped {drawn} chips of {len(selection.items)} items into {out}")

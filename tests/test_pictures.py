@@ -1,0 +1,73 @@
+"""`preview` and `map`: PNGs of a selection, written and not blank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+
+from stacchip_db.pictures import stretch
+from tests.conftest import error_line, run_cli, store_indexed
+
+CHIP = 64
+
+
+def _image(path: Path) -> np.ndarray:
+    assert path.exists() and path.stat().st_size > 10_000
+    return matplotlib.image.imread(path)
+
+
+def _colours(image: np.ndarray) -> int:
+    return len(np.unique((image[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+
+
+def test_stretch_maps_percentiles_to_the_unit_range() -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(1, 5000, size=(3, 32, 32)).astype(np.uint16)
+    pixels[:, :4, :4] = 0  # nodata corner
+    rgb = stretch(pixels, 0)
+    assert rgb.shape == (32, 32, 3)
+    assert rgb.min() == 0 and rgb.max() == 1
+    assert (rgb[:4, :4] == 0).all()
+    valid = rgb[4:, 4:]
+    assert 0.01 < (valid == 1).mean() < 0.05  # about 2 % above the 98th percentile
+
+
+def test_preview_draws_the_selected_chips(
+    database_url: str, s2_items: list[dict], tmp_path: Path
+) -> None:
+    store_indexed(database_url, s2_items[:1], chip_size=CHIP)
+    out = tmp_path / "preview.png"
+    result = run_cli(
+        ["preview", "--max-cloud", "0.2", "-n", "9", "--seed", "3", "--out", str(out)],
+        database_url=database_url,
+    )
+    assert result.exit_code == 0, result.output
+    assert "drew 9 of 9 selected chips" in result.stdout
+    image = _image(out)
+    assert image.shape[0] > 600 and image.shape[1] > 600
+    assert _colours(image) > 1000  # real imagery, not one flat colour
+
+
+def test_map_draws_footprints(database_url: str, s2_items: list[dict], tmp_path: Path) -> None:
+    store_indexed(database_url, s2_items[:1], chip_size=CHIP)
+    out = tmp_path / "map.png"
+    query = (
+        "SELECT collection, item_id, chip_size, chip_index_x, chip_index_y FROM stacchip.chips"
+    )
+    result = run_cli(["map", "--query", query, "--out", str(out)], database_url=database_url)
+    assert result.exit_code == 0, result.output
+    assert "of 1 items" in result.stdout
+    image = _image(out)
+    assert image.shape[:2] == (960, 960)
+    assert _colours(image) > 20  # the cloud-fraction colour ramp, outlines, text
+
+
+def test_empty_selection_is_a_one_line_error(database_url: str, tmp_path: Path) -> None:
+    line = error_line(run_cli(["preview", "--out", str(tmp_path / "p.png")],
+                              database_url=database_url))  # fmt: skip
+    assert "nothing to preview" in line
+    line = error_line(run_cli(["map", "--out", str(tmp_path / "m.png")],
+                              database_url=database_url))  # fmt: skip
+    assert "nothing to map" in line
