@@ -289,3 +289,40 @@ def test_bad_shard_and_unknown_platform_are_one_line_errors(
         )
     )
     assert "thermal" in line and "--bands" in line
+
+
+def test_cubes_to_s3_and_filter_options(
+    database_url: str, s2_items: list[dict], s3_server, s3_bucket: str, tmp_path: Path
+) -> None:
+    store(database_url, s2_items)
+    collection = s2_items[1]["collection"]
+    result = run_cli(
+        ["prechip", "--collection", collection, "--max-cloud", "0.1", "-n", "20", "--seed", "7",
+         "--cube-size", "10", "--bands", "red,nir08", "--out", f"s3://{s3_bucket}/export"],
+        database_url=database_url,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "wrote 20 chips in 2 cubes" in result.stdout
+    client = s3_server.client()
+    keys = sorted(
+        o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+    )
+    assert keys == [
+        f"export/{collection}/cube_0.npz",
+        f"export/{collection}/cube_1.npz",
+        f"export/{collection}/manifest.parquet",
+    ]
+    local = tmp_path / "cube_1.npz"
+    client.download_file(s3_bucket, keys[1], str(local))
+    assert np.load(local)["pixels"].shape == (10, 2, CHIP, CHIP)
+    manifest_path = tmp_path / "manifest.parquet"
+    client.download_file(s3_bucket, keys[2], str(manifest_path))
+    rows = pq.read_table(manifest_path).to_pylist()
+    assert len(rows) == 20
+    assert all(r["cloud_fraction"] <= 0.1 for r in rows)
+    # --query and filters together are ambiguous
+    line = error_line(
+        run_cli(["prechip", "--query", ALL, "--max-cloud", "0.1", "--out", str(tmp_path)],
+                database_url=database_url)
+    )  # fmt: skip
+    assert "either --query" in line
