@@ -30,7 +30,7 @@ from stacchip_db.db import init_database
 from stacchip_db.db.embedded import EmbeddedCluster
 
 # Loopback servers for the processor tests: a real STAC API and a real S3-protocol server.
-pytest_plugins = ("stac_server", "s3_server")
+pytest_plugins = ("stac_server", "s3_server", "sensor_catalog")
 
 TEST_DATABASE_URL_ENV = "STACCHIP_TEST_DATABASE_URL"
 REPO = Path(__file__).resolve().parents[1]

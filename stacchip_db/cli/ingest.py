@@ -50,7 +50,7 @@ def _command(processor: Processor) -> click.Command:
     def run(db: Database, **kwargs: Any) -> None:
         request = JobRequest(
             index=kwargs["index"],
-            sample_source=kwargs["sample_source"],
+            sample_source=kwargs["sample_source"] or "",
             target=check_target(kwargs["target"]),
             stac_api=kwargs["stac_api"],
             collection=kwargs["collection"],
@@ -84,7 +84,7 @@ def _command(processor: Processor) -> click.Command:
         ),
         click.option(
             "--sample-source",
-            required=True,
+            required=processor.uses_sample_source,
             metavar="PATH|URL",
             help="Layer with one row per job (.fgb/.gpkg/.geojson; path, https://, s3://).",
         ),

@@ -13,7 +13,7 @@ import importlib
 from stacchip_db.errors import StacchipError
 from stacchip_db.processors.base import Processor
 
-BUILTIN = ("sentinel2", "naip")
+BUILTIN = ("sentinel2", "naip", "landsat", "linz", "sentinel1", "modis")
 """Modules under `stacchip_db.processors` that register a processor when imported."""
 
 PROCESSORS: dict[str, Processor] = {}

@@ -102,8 +102,10 @@ class PlanContext:
     """What `Processor.plan` gets: the request, the sample row and an open STAC API client."""
 
     request: JobRequest
-    sample: Sample
-    client: Client
+    sample: Sample | None
+    """None for a processor that does not read a sample source (`uses_sample_source`)."""
+    client: Client | None
+    """None for a processor that does not search a STAC API (`searches_stac_api`)."""
 
     @property
     def options(self) -> dict[str, Any]:
@@ -129,11 +131,35 @@ class Processor:
     """Whether source hrefs need Planetary Computer signing (off for loopback APIs)."""
     sample_source_env: ClassVar[str] = "STACCHIP_SAMPLE_SOURCE"
     """Environment variable the Batch entrypoint reads the sample source from."""
+    uses_sample_source: ClassVar[bool] = True
+    """False when the job index alone picks the work (LINZ: a prefix of its source bucket)."""
+    searches_stac_api: ClassVar[bool] = True
+    """False when `plan` reads its items elsewhere (LINZ: JSON beside each object in S3)."""
     cli_options: ClassVar[tuple[Callable[[Any], Any], ...]] = ()
 
     def plan(self, context: PlanContext) -> list[Scene]:
         """The scenes to ingest for `context.sample`, in order."""
         raise NotImplementedError
+
+    def assets_for(self, item: pystac.Item) -> tuple[str, ...]:
+        """The asset keys to keep of `item` (Landsat: L1 and L2 scenes keep different ones)."""
+        return self.assets
+
+    def quality_rule(self, item: dict[str, Any]) -> QualityRule:
+        """The rule indexing the stored `item` (Sentinel-1: nodata value read from the item)."""
+        return self.quality
+
+    def job_source(self, request: JobRequest) -> str:
+        """What the job reads, recorded in `stacchip.jobs.sample_source` (part of its key)."""
+        return request.sample_source
+
+    def prepare(self, item: dict[str, Any], folder: str, report: SceneReport) -> dict[str, Any]:
+        """Put the scene's assets into `folder` and return the item to store, its hrefs
+        pointing there. Default: copy every asset unchanged. Processors that change pixels
+        (re-encode, reproject, resample) override it; see `processors.derived`.
+        """
+        _copy_assets(self, item, folder, report)
+        return item
 
     def source_href(self, item: pystac.Item, key: str) -> str:
         """Where to copy asset `key` from (Landsat: `alternate.s3.href`)."""
@@ -264,7 +290,7 @@ def run_job(processor: Processor, request: JobRequest, db: Database | None) -> J
     summary = JobSummary(
         processor=processor.name,
         job_index=request.index,
-        sample_source=request.sample_source,
+        sample_source=processor.job_source(request),
         target=request.target,
         stac_api=request.stac_api,
         status="planned" if request.dry_run else "running",
@@ -309,14 +335,19 @@ def run_job(processor: Processor, request: JobRequest, db: Database | None) -> J
 
 def _plan(processor: Processor, request: JobRequest, summary: JobSummary) -> list[Scene]:
     with _timed(summary.timings, "search"):
-        sample = read_sample(request.sample_source, request.index)
-        summary.sample = {"geometry": sample.geometry.wkt[:200], **sample.attributes}
+        sample = None
+        if processor.uses_sample_source:
+            sample = read_sample(request.sample_source, request.index)
+            summary.sample = {"geometry": sample.geometry.wkt[:200], **sample.attributes}
         sign = (
             request.sign
             if request.sign is not None
             else (processor.signs_hrefs and not _is_loopback(request.stac_api))
         )
-        client = open_api(request.stac_api, modifier=sign_planetary_computer if sign else None)
+        client = None
+        if processor.searches_stac_api:
+            modifier = sign_planetary_computer if sign else None
+            client = open_api(request.stac_api, modifier=modifier)
         scenes = processor.plan(PlanContext(request=request, sample=sample, client=client))
     for scene in scenes:
         summary.scenes.append(
@@ -346,7 +377,8 @@ def _is_loopback(url: str) -> bool:
 def scene_item(processor: Processor, scene: Scene, request: JobRequest) -> dict[str, Any]:
     """The item dict to copy and store: only the processor's assets, absolute source hrefs."""
     item = scene.item
-    missing = [key for key in processor.assets if key not in item.assets]
+    keys = processor.assets_for(item)
+    missing = [key for key in keys if key not in item.assets]
     if missing:
         raise ProcessorError(
             f"item {item.id} has no asset {', '.join(repr(k) for k in missing)} that the "
@@ -354,8 +386,8 @@ def scene_item(processor: Processor, scene: Scene, request: JobRequest) -> dict[
         )
     data = item.to_dict(include_self_link=False, transform_hrefs=False)
     data["collection"] = item.collection_id or request.collection
-    data["assets"] = {key: dict(data["assets"][key]) for key in processor.assets}
-    for key in processor.assets:
+    data["assets"] = {key: dict(data["assets"][key]) for key in keys}
+    for key in keys:
         data["assets"][key]["href"] = processor.source_href(item, key)
     # Links to the source API's catalog mean nothing next to the copies.
     data["links"] = [
@@ -377,14 +409,14 @@ def _ingest_scene(
     item = scene_item(processor, scene, request)
     folder = storage.join(request.target, item["collection"], item["id"])
     with _timed(timings, "copy"):
-        _copy_assets(processor, item, folder, report)
+        item = processor.prepare(item, folder, report)
         item_href = storage.join(folder, ITEM_FILE)
         storage.write_text(item_href, json.dumps(item, indent=2))
         report.href = item_href
     with _timed(timings, "index"):
         chips = index_item(
             item,
-            quality=processor.quality,
+            quality=processor.quality_rule(item),
             chip_size=request.chip_size,
             max_nodata=processor.max_nodata,
         )
