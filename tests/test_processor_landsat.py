@@ -1,4 +1,4 @@
-"""`stacchip-db ingest landsat` against the loopback STAC API, sources in a requester-pays bucket."""
+"""`stacchip-db ingest landsat` on the loopback STAC API, sources in a requester-pays bucket."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def expected(sensor_api, index: int) -> list[tuple[str, str, str]]:
     chosen = []
     for collection, year in zip((L1, L2), choose_years(index), strict=True):
         for quarter in range(1, 5):
-            item_id = expected_landsat_choice(sensor_api.items["landsat"], collection, year, quarter)
+            item_id = expected_landsat_choice(
+                sensor_api.items["landsat"], collection, year, quarter
+            )
             if item_id:
                 chosen.append((collection, f"{year} Q{quarter}", item_id))
     return chosen
@@ -104,9 +106,10 @@ def test_ingest_copies_from_alternate_s3_and_indexes(database_url, sensor_api, s
     # The 15 m pan band stays beside the 30 m grid the chips use (the item's proj:shape).
     l1_id = next(i for c, _, i in chosen if c == L1)
     l1_item = json.loads((target / L1 / l1_id / "stac_item.json").read_text())
-    assert l1_item["assets"]["pan"]["proj:transform"][0] * 2 == l1_item["properties"][
-        "proj:transform"
-    ][0]
+    assert (
+        l1_item["assets"]["pan"]["proj:transform"][0] * 2
+        == l1_item["properties"]["proj:transform"][0]
+    )
     assert all(s["copied_objects"] == len(L1_ASSETS if s["collection"] == L1 else L2_ASSETS)
                for s in summary["scenes"])  # fmt: skip
 
