@@ -17,6 +17,7 @@ import functools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,12 @@ def selection_stats(
 
     Chips whose asset cannot be read are counted in `failed` and left out.
     """
-    plans = plan_cubes(selection, cube_size=128, keep_partial=True, bands=bands, platform=platform)
+    # Cubes only as units of work here: chip sizes may differ, so plan each size apart.
+    plans = []
+    by_size = sorted(selection.rows, key=lambda r: r.chip_size)
+    for _, rows in groupby(by_size, key=lambda r: r.chip_size):
+        part = ChipSelection(list(rows), selection.items)
+        plans += plan_cubes(part, cube_size=128, keep_partial=True, bands=bands, platform=platform)
     collections = {p.collection for p in plans}
     nodata = {c: _nodata(c, platform) for c in collections}
     tasks = read_tasks(plans, selection.items, jobs=jobs, lanes=lanes)

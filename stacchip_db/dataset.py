@@ -33,7 +33,6 @@ from stacchip_db.index import item_datetime
 from stacchip_db.reader import (
     DATASETS,
     AssetRead,
-    Platform,
     plan_reads,
     platform_for,
     read_chip,
@@ -277,16 +276,6 @@ def bands_for(collection: str, bands: Sequence[str] | None, platform: str | None
     if bands:
         return list(bands)
     return list(platform_for(collection, platform).bands)
-
-
-def platform_or_none(collection: str, platform: str | None) -> Platform | None:
-    """The collection's platform, or None when it is unknown (only --bands can say then)."""
-    try:
-        return platform_for(collection, platform)
-    except StacchipError:
-        if platform is not None:
-            raise
-        return None
 
 
 # -- ChipDataset --------------------------------------------------------------------------------

@@ -143,7 +143,8 @@ def map_png(selection: ChipSelection, out: str | Path, *, title: str | None = No
     ax.set_aspect(1 / max(math.cos(mid_lat), 1e-3))  # degrees look square at that latitude
     ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")
-    ax.set_title(title or f"{len(selection.rows)} chips of {len(selection.items)} items")
+    items = len(selection.items)
+    ax.set_title(title or f"{len(selection.rows)} chips of {items} item{'s' * (items != 1)}")
     fig.tight_layout()
     _save(fig, out, plt)
     return len(selection.rows)

@@ -247,11 +247,13 @@ def _read_window(
         and window.row_off + window.height <= src.height
     )
     fill = src.nodata if src.nodata is not None else 0
-    # The window's size in asset pixels gives the asset's factor relative to the finest grid.
+    # The window's size in asset pixels gives the asset's factor relative to the finest grid;
+    # `grid` makes it fractional when the factor does not divide the chip size.
+    whole = float(window.width).is_integer() and float(window.height).is_integer()
     fx, fy = cs / window.width, cs / window.height
     if fx == fy == 1:
         return src.read(indexes, window=window, boundless=not inside, fill_value=fill, out=out)
-    if fx.is_integer() and fy.is_integer():
+    if whole and fx.is_integer() and fy.is_integer():
         data = src.read(indexes, window=window, boundless=not inside, fill_value=fill)
         n, h, w = data.shape
         if out is None:
@@ -261,10 +263,11 @@ def _read_window(
         return out
     # The factor does not divide the chip size: GDAL's nearest resampling of the fractional
     # window is the same nearest upsampling, done by GDAL.
+    if out is None:
+        out = np.empty((len(indexes), cs, cs), dtype=src.dtypes[indexes[0] - 1])
     return src.read(
         indexes,
         window=window,
-        out_shape=(len(indexes), cs, cs),
         resampling=Resampling.nearest,
         boundless=not inside,
         fill_value=fill,

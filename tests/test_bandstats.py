@@ -110,3 +110,16 @@ def test_stats_needs_one_source(database_url: str, tmp_path: Path) -> None:
         run_cli(["stats", "--cubes", str(tmp_path), "--query", ALL], database_url=database_url)
     )
     assert "either --cubes" in line
+
+
+def test_stats_over_mixed_chip_sizes(database_url: str, s2_items: list[dict]) -> None:
+    small = store_indexed(database_url, s2_items[:1], chip_size=CHIP)
+    large = store_indexed(database_url, s2_items[1:], chip_size=2 * CHIP)
+    result = run_cli(["stats", "--query", ALL, "--bands", "red"], database_url=database_url)
+    assert result.exit_code == 0, result.output
+    assert f"{small + large} chips" in result.stdout
+    # prechip cannot stack two chip sizes into one cube: it says so
+    line = error_line(
+        run_cli(["prechip", "--query", ALL, "--out", "unused"], database_url=database_url)
+    )
+    assert "mixes chip sizes" in line

@@ -58,7 +58,7 @@ def test_map_draws_footprints(database_url: str, s2_items: list[dict], tmp_path:
     )
     result = run_cli(["map", "--query", query, "--out", str(out)], database_url=database_url)
     assert result.exit_code == 0, result.output
-    assert "of 1 items" in result.stdout
+    assert "of 1 item into" in result.stdout
     image = _image(out)
     assert image.shape[:2] == (960, 960)
     assert _colours(image) > 20  # the cloud-fraction colour ramp, outlines, text

@@ -79,4 +79,5 @@ def map_(
 
     selection = select(db, query, statement_timeout, chip_filter, sampling)
     drawn = map_png(selection, out)
-    click.echo(f"mapped {drawn} chips of {len(selection.items)} items into {out}")
+    items = len(selection.items)
+    click.echo(f"mapped {drawn} chips of {items} item{'s' * (items != 1)} into {out}")
