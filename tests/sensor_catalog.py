@@ -279,7 +279,7 @@ def _modis_base(out_dir: Path, tile: tuple[int, int]) -> dict[str, Any]:
     vertical, horizontal = tile
     left = -20015109.355797505 + horizontal * MODIS_TILE_METRES
     top = 10007554.677898752 - vertical * MODIS_TILE_METRES
-    size, pixel = 240, MODIS_TILE_METRES / 240  # 2400 px of 463 m, scaled down by 10
+    size, pixel = 300, MODIS_TILE_METRES / 300  # 2400 px of 463 m, scaled down by 8
     item: dict[str, Any] = {
         "type": "Feature",
         "stac_version": "1.0.0",
