@@ -229,7 +229,7 @@ def _resampler(source: str) -> Callable[[Path], None]:
             data: np.ndarray = dataset.read(
                 bands, out_shape=(len(bands), height, width), resampling=Resampling.bilinear
             )
-            transform = dataset.transform * Affine.scale(
+            transform = dataset.transform @ Affine.scale(
                 dataset.width / width, dataset.height / height
             )
             profile = {"crs": dataset.crs, "transform": transform, "nodata": dataset.nodata}

@@ -6,7 +6,8 @@ Rules (the original stacchip's, with its slips fixed):
   away from the dateline cut); the job reads no sample source;
 - for every month of 2018-2023, the first `modis-09A1-061` item of that tile in that month
   (the original took four random months of 2018, 2020, 2022 and 2023, and `[0]` of a
-  result that may be empty); an empty month is logged and skipped;
+  result that may be empty); an empty month is logged and skipped, and so is a composite
+  already taken for the month before (an 8-day composite can span two months);
 - assets sur_refl_b01..b07 and sur_refl_qc_500m, reprojected (nearest neighbour) from the
   sinusoidal grid to EPSG:3857 with GDAL's suggested output grid (what the original's
   `calculate_default_transform` gives), as deflate-compressed COGs;
@@ -117,6 +118,10 @@ class Modis(Processor):
                 )
                 if item is None:
                     log.info("modis h%02dv%02d %s: no item, skipped", horizontal, vertical, label)
+                    continue
+                if any(scene.item.id == item.id for scene in scenes):
+                    # An 8-day composite spanning a month's end is found in both months.
+                    log.info("modis %s: %s already taken, skipped", label, item.id)
                     continue
                 scenes.append(Scene(item=item, label=label))
         return scenes
