@@ -218,8 +218,12 @@ def test_filters_use_the_indexes(chips_url: str) -> None:
         def plan(query: str) -> str:
             return "\n".join(r[0] for r in conn.execute("EXPLAIN " + query).fetchall())
 
-        assert "chips_geometry_idx" in plan(
+        # Either GiST: on geometry, or on (geometry, datetime) (alembic 0004).
+        assert "Index Cond: (geometry &&" in plan(
             "SELECT * FROM stacchip.select_chips(bbox => '{10,45,10.1,45.1}')")
+        assert "chips_geometry_datetime_idx" in plan(
+            "SELECT * FROM stacchip.select_chips(bbox => '{10,45,10.1,45.1}', "
+            "start_time => '2020-01-01Z', end_time => '2021-01-01Z')")
         assert "chips_sample_key_idx" in plan(
             "SELECT * FROM stacchip.sample_chips(10, 3, max_cloud => 0.5)")
 
