@@ -5,10 +5,11 @@ Each reads the original stacchip environment variables and runs `stacchip-db ing
 | variable | meaning |
 | --- | --- |
 | `AWS_BATCH_JOB_ARRAY_INDEX` | the job index (row of the sample source); set by Batch array jobs |
-| `STACCHIP_MGRS_SOURCE` (sentinel-2) / `STACCHIP_SAMPLE_SOURCE` (others) | the sample source |
+| `STACCHIP_MGRS_SOURCE` (sentinel-2, -1) or `STACCHIP_SAMPLE_SOURCE` (landsat, naip) | samples |
 | `STACCHIP_BUCKET` | target: a bucket name (`s3://NAME`), an `s3://` URL, or a local directory |
 | `STACCHIP_DATABASE_URL` | the database (a PostgreSQL server; Batch has no embedded one) |
 
+linz and modis read no sample source (the index picks a survey prefix / a tile).
 Optional: `STACCHIP_STAC_API` overrides the processor's default API. A missing variable is a
 one-line error naming it (exit 1); so is a processor that this stacchip-db does not have yet.
 """
@@ -53,19 +54,12 @@ def batch_args(processor_name: str) -> list[str]:
         index = int(index_text)
     except ValueError as exc:
         raise ConfigError(f"{INDEX_ENV}={index_text!r} is not a whole number") from exc
-    source = _required(processor.sample_source_env)
+    source = _required(processor.sample_source_env) if processor.uses_sample_source else None
     target = target_from_bucket(_required(BUCKET_ENV))
     _required(DATABASE_URL_ENV)  # read by the CLI itself; checked here to name it
-    args = [
-        "ingest",
-        processor_name,
-        "--index",
-        str(index),
-        "--sample-source",
-        source,
-        "--target",
-        target,
-    ]
+    args = ["ingest", processor_name, "--index", str(index), "--target", target]
+    if source is not None:
+        args += ["--sample-source", source]
     if os.environ.get(STAC_API_ENV):
         args += ["--stac-api", os.environ[STAC_API_ENV]]
     return args
