@@ -336,11 +336,18 @@ def read_item_chips(
             ok[position] = False
             failures.append(ChipFailure(position, href, _first_line(exc)))
 
+    work = _lanes(reads, n, lanes)
+
     def run(lane: _Lane) -> None:
         with ExitStack() as stack:
             for read in lane.reads:
                 try:
-                    src = stack.enter_context(rasterio.open(read.href))
+                    # One lane runs in the calling thread: keep its datasets open for the next
+                    # item task of this process (workers get many). Threads open their own.
+                    if len(work) == 1:
+                        src = DATASETS.open(read.href)
+                    else:
+                        src = stack.enter_context(rasterio.open(read.href))
                 except (RasterioError, OSError) as exc:
                     for position in lane.positions:
                         fail(position, read.href, exc)
@@ -363,7 +370,6 @@ def read_item_chips(
                     except (RasterioError, OSError) as exc:
                         fail(position, read.href, exc)
 
-    work = _lanes(reads, n, lanes)
     if len(work) == 1:
         run(work[0])
     else:
