@@ -188,7 +188,7 @@ def read_tasks(
     jobs: int = 1,
     lanes: int | None = None,
 ) -> list[ReadTask]:
-    """Per cube, per item: tasks of at most ceil(cube rows / (4 x jobs)) chips with workers.
+    """Per cube, per item: tasks of at most ceil(cube rows / (2 x jobs)) chips with workers.
 
     Several tasks per worker and cube balance the load (chips differ in decoding cost); a
     worker keeps its datasets open between tasks, so smaller tasks cost no extra opens.
