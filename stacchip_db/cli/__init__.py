@@ -75,6 +75,11 @@ def _register() -> None:
     main.add_command(chips.chips)
     main.add_command(chips.sample)
 
+    from stacchip_db.cli import index
+
+    main.add_command(index.index)
+    main.add_command(index.export_index)
+
     from stacchip_db.cli import pictures, prechip, stats
 
     main.add_command(prechip.prechip)

@@ -1,0 +1,318 @@
+"""`stacchip-db index` and `stacchip-db export-index`: STAC items in, chip index in and out.
+
+`index` reads STAC items (JSON files, ndjson files, http(s)/s3 URLs), computes each item's
+chips with `index.index_item` and stores items and chips with `db.store.ItemWriter`, which
+batches many items per transaction and writes on a background thread while the next items are
+indexed. A bad item is reported (one line, with its id) and skipped; the exit code is 1 when
+any item failed. Heavy modules (numpy, rasterio, pyproj, the store) are imported inside the
+commands so that `stacchip-db --help` and the other commands start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlparse
+
+import click
+
+from stacchip_db.cli.options import CliContext, pass_cli, with_database
+from stacchip_db.db.connection import Database
+from stacchip_db.errors import StacchipError
+
+QUALITY_RULES = ("auto", "s2", "landsat", "modis", "none")
+"""`--quality` choices: the rules of `stacchip_db.quality` (kept here to import it lazily)."""
+NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".geojsonl", ".geojsons")
+
+
+@dataclass
+class Source:
+    """One thing read from the inputs: an item dict, or why it could not be read."""
+
+    where: str
+    item: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class Summary:
+    """What `index` did, as printed (and as `--json`)."""
+
+    items: int = 0
+    chips: int = 0
+    dropped_nodata: int = 0
+    skipped: int = 0
+    collections_created: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "items": self.items,
+            "chips": self.chips,
+            "dropped_nodata": self.dropped_nodata,
+            "skipped": self.skipped,
+            "failed": len(self.failed),
+            "errors": self.failed,
+            "collections_created": self.collections_created,
+            "seconds": round(self.seconds, 3),
+            "chips_per_second": round(self.chips / self.seconds) if self.seconds else None,
+        }
+
+    def line(self) -> str:
+        rate = f", {self.chips / self.seconds:,.0f} chips/s" if self.seconds else ""
+        parts = [
+            f"indexed {self.items} items: {self.chips:,} chips stored",
+            f"{self.dropped_nodata:,} dropped for nodata",
+        ]
+        if self.skipped:
+            parts.append(f"{self.skipped} items already stored")
+        if self.failed:
+            parts.append(f"{len(self.failed)} items failed")
+        return ", ".join(parts) + f" in {self.seconds:.2f} s{rate}"
+
+
+# -- reading items ----------------------------------------------------------------------------
+
+
+def _is_url(source: str) -> bool:
+    return urlparse(source).scheme in ("http", "https", "s3")
+
+
+def _base_of(source: str) -> str:
+    """What relative asset hrefs in items read from `source` are relative to."""
+    return source if _is_url(source) else str(Path(source).resolve())
+
+
+def _absolute_hrefs(item: dict[str, Any], base: str) -> dict[str, Any]:
+    """Asset hrefs made absolute against the item's location, so stored items stay usable."""
+    for asset in (item.get("assets") or {}).values():
+        href = asset.get("href") if isinstance(asset, dict) else None
+        if not isinstance(href, str) or urlparse(href).scheme or href.startswith("/"):
+            continue
+        if _is_url(base):
+            asset["href"] = urljoin(base, href)
+        else:
+            asset["href"] = str((Path(base).parent / href).resolve())
+    return item
+
+
+def _items_of(document: Any, where: str, base: str) -> Iterator[Source]:
+    """Items of a parsed JSON document: an item, or a FeatureCollection of items."""
+    if isinstance(document, dict) and document.get("type") == "FeatureCollection":
+        for n, feature in enumerate(document.get("features") or []):
+            yield from _items_of(feature, f"{where} feature {n}", base)
+    elif isinstance(document, dict):
+        yield Source(where, _absolute_hrefs(document, base))
+    else:
+        yield Source(where, error=f"{where}: not a STAC item (a JSON {type(document).__name__})")
+
+
+def _lines(lines: Iterator[str], source: str, base: str) -> Iterator[Source]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{source} line {number}"
+        try:
+            document = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield Source(where, error=f"{where}: not JSON ({e.msg}); fix or remove the line")
+            continue
+        yield from _items_of(document, where, base)
+
+
+def read_sources(sources: tuple[str, ...]) -> Iterator[Source]:
+    """Items from JSON / ndjson files and URLs, in order; unreadable ones as errors."""
+    for source in sources:
+        base = _base_of(source)
+        ndjson = urlparse(source).path.lower().endswith(NDJSON_SUFFIXES)
+        if ndjson and not _is_url(source):
+            try:
+                with open(source, encoding="utf-8") as handle:
+                    yield from _lines(handle, source, base)
+            except OSError as e:
+                yield Source(source, error=f"cannot read {source}: {e.strerror}")
+            continue
+        try:
+            if _is_url(source):
+                from stacchip_db.storage import read_text  # boto3/requests: only when needed
+
+                text = read_text(source)
+            else:
+                text = Path(source).read_text(encoding="utf-8")
+        except OSError as e:
+            yield Source(source, error=f"cannot read {source}: {e.strerror}")
+            continue
+        except StacchipError as e:  # storage's one-line errors (HTTP status, missing object)
+            yield Source(source, error=str(e))
+            continue
+        if ndjson:
+            yield from _lines(iter(text.splitlines()), source, base)
+            continue
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data":  # several JSON documents: ndjson without the suffix
+                yield from _lines(iter(text.splitlines()), source, base)
+            else:
+                yield Source(source, error=f"{source}: not JSON ({e.msg} at line {e.lineno})")
+            continue
+        yield from _items_of(document, source, base)
+
+
+def _count_items(sources: tuple[str, ...]) -> int:
+    """A cheap estimate for the progress bar: lines of local ndjson files, 1 per other source."""
+    total = 0
+    for source in sources:
+        path = Path(source)
+        if not _is_url(source) and source.lower().endswith(NDJSON_SUFFIXES) and path.is_file():
+            with path.open("rb") as handle:
+                total += sum(1 for line in handle if line.strip())
+        else:
+            total += 1
+    return total
+
+
+def _one_line(message: str, item_id: str) -> str:
+    text = " ".join(message.split())
+    return text if item_id in text else f"item {item_id}: {text}"
+
+
+# -- index ------------------------------------------------------------------------------------
+
+
+@click.command("index")
+@click.argument("sources", nargs=-1, required=True, metavar="PATH_OR_URL...")
+@click.option("--collection", help="Collection id for items that have none.")
+@click.option(
+    "--quality",
+    type=click.Choice(QUALITY_RULES),
+    default="auto",
+    show_default=True,
+    help="Cloud/nodata rule; auto picks it from the item's assets (scl, qa_pixel, …).",
+)
+@click.option(
+    "--chip-size", type=click.IntRange(min=1), default=256, show_default=True,
+    help="Chip size in pixels of the item's finest grid.",
+)
+@click.option(
+    "--max-nodata", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+    help="Chips with a larger nodata fraction are not stored.",
+)
+@click.option(
+    "--strict", is_flag=True,
+    help="Fail items whose collection does not exist instead of creating a minimal one.",
+)
+@click.option(
+    "--on-conflict", type=click.Choice(["upsert", "ignore", "insert"]), default="upsert",
+    show_default=True,
+    help="Items already stored: replace them, keep them, or fail.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@with_database
+@pass_cli
+@click.pass_context
+def index(
+    ctx: click.Context,
+    cli: CliContext,
+    sources: tuple[str, ...],
+    collection: str | None,
+    quality: str,
+    chip_size: int,
+    max_nodata: float,
+    strict: bool,
+    on_conflict: str,
+    as_json: bool,
+    db: Database,
+) -> None:
+    """Index STAC items (JSON or ndjson files, URLs) into chips in the database.
+
+    Each item is upserted into pgstac and its chip rows replaced, many items per transaction.
+    Bad items are reported with their id and skipped; the exit code is then 1.
+    """
+    from stacchip_db.db.store import ItemWriter, check_item
+    from stacchip_db.grid import item_georeference
+    from stacchip_db.index import index_item
+
+    started = time.perf_counter()
+    summary = Summary()
+    errors: list[tuple[str, str]] = []  # (item id or place, message)
+    with db.connect() as conn, ItemWriter(
+        conn, chip_size=chip_size, strict=strict, on_conflict=on_conflict, background=True
+    ) as writer, click.progressbar(
+        length=_count_items(sources),
+        label="indexing items",
+        file=sys.stderr,
+        hidden=cli.quiet or as_json,
+    ) as bar:
+        for source in read_sources(sources):
+            bar.update(1)
+            if source.item is None:
+                errors.append((source.where, source.error or source.where))
+                continue
+            item = source.item
+            if collection and not item.get("collection"):
+                item["collection"] = collection
+            try:
+                check_item(item)  # id, collection, datetime: named errors early
+                chips = index_item(
+                    item, quality=quality, chip_size=chip_size, max_nodata=max_nodata
+                )
+                (height, width), _, _ = item_georeference(item)
+            except StacchipError as e:  # a bad item is reported and skipped
+                name = str(item.get("id") or source.where)
+                errors.append((name, _one_line(str(e), name)))
+                continue
+            if writer.add(item, chips):
+                grid_size = (height // chip_size) * (width // chip_size)
+                summary.dropped_nodata += grid_size - chips.num_rows
+    errors += [(f.item_id, _one_line(f.message, f.item_id)) for f in writer.failures]
+    summary.items = writer.result.items
+    summary.chips = writer.result.chips
+    summary.skipped = len(writer.result.skipped)
+    summary.collections_created = writer.result.collections_created
+    summary.failed = [{"item": where, "error": message} for where, message in errors]
+    summary.seconds = time.perf_counter() - started
+    for _, message in errors:
+        click.echo(f"Error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict()))
+    elif not cli.quiet:
+        click.echo(summary.line())
+    if errors:
+        ctx.exit(1)
+
+
+# -- export-index -----------------------------------------------------------------------------
+
+
+@click.command("export-index")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--collection", "collections", multiple=True,
+    help="Export only this collection (repeatable); default: all.",
+)
+@click.option(
+    "--chip-size", type=click.IntRange(min=1), default=256, show_default=True,
+    help="Export the chips indexed at this size.",
+)
+@with_database
+def export_index(
+    out_dir: Path, collections: tuple[str, ...], chip_size: int, db: Database
+) -> None:
+    """Write the chip index as the original stacchip's GeoParquet files.
+
+    One file per item: OUT_DIR/{collection}/{item_id}/index_{item_id}.parquet, with columns
+    chipid, date, chip_index_x, chip_index_y, cloud_cover_percentage, nodata_percentage and
+    geometry (readable with geopandas.read_parquet).
+    """
+    from stacchip_db.export import export_index as write_index
+
+    with db.connect() as conn:
+        result = write_index(conn, out_dir, collections=collections or None, chip_size=chip_size)
+    click.echo(f"exported {result.chips:,} chips of {result.files} items to {out_dir}")
