@@ -149,11 +149,12 @@ def export_index(
                 ],
                 schema=INDEX_SCHEMA.with_metadata({b"geo": _geo_metadata(list(bbox))}),
             )
-            path.parent.mkdir(parents=True, exist_ok=True)
             try:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 pq.write_table(table, path)
             except OSError as e:
-                raise ExportError(f"cannot write {path}: {e}") from e
+                reason = e.strerror or str(e)
+                raise ExportError(f"cannot write {path}: {reason}; choose another OUT_DIR") from e
             result.files += 1
             result.chips += table.num_rows
     log.info("exported %d chips of %d items to %s", result.chips, result.files, out)
