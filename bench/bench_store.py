@@ -1,0 +1,118 @@
+"""Benchmark: store one item with ~1,760 chips (pgstac upsert + chip rows replaced).
+
+The item is the fixture Sentinel-2 scene (10980 x 10980 px at 10 m: 42 x 42 = 1,764 chips of
+256 px), indexed once with `quality="none"` (no pixels needed: this measures the database
+write). Each repetition is one `store_item` call on a warm connection: the first stores the
+item, every later one upserts the same item and replaces its 1,764 chip rows, as re-indexing
+does. Goal: median <= 50 ms.
+
+A throwaway embedded cluster (durable=False, as the tests) is started in a temp dir unless
+STACCHIP_BENCH_DATABASE_URL names a server (a fresh database is created on it).
+
+    .venv/bin/python bench/bench_store.py [--reps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stacchip_db.db import init_database  # noqa: E402
+from stacchip_db.db.embedded import EmbeddedCluster  # noqa: E402
+
+FIXTURES = Path(os.environ.get("STACCHIP_FIXTURES", REPO.parent / "shared" / "fixtures" / "stac"))
+S2_ITEM = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
+BENCH_URL_ENV = "STACCHIP_BENCH_DATABASE_URL"
+GOAL_MS = 50.0
+
+
+@contextlib.contextmanager
+def admin_url() -> Iterator[str]:
+    """A server to create benchmark databases on: $STACCHIP_BENCH_DATABASE_URL or a throwaway."""
+    url = os.environ.get(BENCH_URL_ENV)
+    if url:
+        yield url
+        return
+    home = Path(tempfile.mkdtemp(prefix="stacchip-bench-"))
+    cluster = EmbeddedCluster(home, durable=False, database="postgres")
+    cluster.start()
+    try:
+        yield cluster.socket_url("postgres")
+    finally:
+        cluster.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def fresh_database(admin: str, name: str) -> str:
+    """A new, migrated database called `name` (dropped first if it exists)."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_conninfo(admin, dbname=name)
+    init_database(url)
+    return url
+
+
+def drop_database(admin: str, name: str) -> None:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=30)
+    args = parser.parse_args()
+
+    from stacchip_db.db import connect
+    from stacchip_db.db.store import store_item
+    from stacchip_db.index import index_item
+
+    item = json.loads((FIXTURES / S2_ITEM).read_text())
+    chips = index_item(item, quality="none")
+    print(f"item {item['id']}: {chips.num_rows} chips of 256 px")
+    with admin_url() as admin:
+        name = f"stacchip_bench_store_{os.getpid()}"
+        url = fresh_database(admin, name)
+        try:
+            with connect(url) as conn:
+                start = time.perf_counter()
+                store_item(conn, item, chips, chip_size=256)
+                first = time.perf_counter() - start
+                times = []
+                for _ in range(args.reps):
+                    start = time.perf_counter()
+                    result = store_item(conn, item, chips, chip_size=256)
+                    times.append(time.perf_counter() - start)
+                rows = conn.execute("SELECT count(*) FROM stacchip.chips").fetchone()[0]
+        finally:
+            drop_database(admin, name)
+    if rows != chips.num_rows or result.chips != chips.num_rows:
+        raise SystemExit(f"wrong row count: {rows} rows, {result.chips} stored")
+    median = statistics.median(times) * 1000
+    print(f"first store (creates collection and partition): {first * 1000:.1f} ms")
+    print(
+        f"re-store (upsert + replace {chips.num_rows} chips), {args.reps} runs: "
+        f"median {median:.1f} ms, min {min(times) * 1000:.1f} ms, "
+        f"max {max(times) * 1000:.1f} ms; goal <= {GOAL_MS:.0f} ms: "
+        f"{'met' if median <= GOAL_MS else 'NOT met'}"
+    )
+    print(f"load average while running: {os.getloadavg()[0]:.2f} (2-core machine, shared)")
+
+
+if __name__ == "__main__":
+    main()
