@@ -1,0 +1,122 @@
+"""Benchmark: `stacchip-db index` of the 200 NAIP fixture items into an empty database.
+
+End to end, as a user runs it: each repetition creates a fresh, migrated, EMPTY database and
+times `stacchip-db -q index --quality none --json naip-planetary-computer-200.ndjson` as a
+subprocess, from process start to exit (438,643 chips of 256 px). Reports the median of the
+repetitions in chips/s; goal >= 100,000 chips/s. For reference it also runs the original
+stacchip 0.1.38's grid alone (`NoStatsChipIndexer(item).create_index()`, no storage) on the
+first items, in its own venv (bench/setup_original.sh), in the same run.
+
+A throwaway embedded cluster (durable=False, as the tests) is started in a temp dir unless
+STACCHIP_BENCH_DATABASE_URL names a server (fresh databases are created on it).
+
+    .venv/bin/python bench/bench_bulk_index.py [--reps 3] [--orig-items 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO))
+
+from bench_store import FIXTURES, admin_url, drop_database, fresh_database  # noqa: E402
+
+NAIP_200 = FIXTURES / "naip-planetary-computer-200.ndjson"
+ORIG_VENV = Path(os.environ.get("STACCHIP_ORIG_VENV", "/work/venvs/stacchip-orig"))
+GOAL = 100_000
+CLI = [sys.executable, "-m", "stacchip_db.cli"]
+
+ORIG_GRID = """
+import json, sys, time
+from pystac import Item
+from stacchip.indexer import NoStatsChipIndexer
+items = [json.loads(line) for line in open(sys.argv[1])][: int(sys.argv[2])]
+start, chips = time.perf_counter(), 0
+for data in items:
+    chips += NoStatsChipIndexer(Item.from_dict(data)).create_index().num_rows
+print(json.dumps({"chips": chips, "seconds": time.perf_counter() - start}))
+"""
+
+
+def run_ours(url: str) -> tuple[float, dict]:
+    env = {**os.environ, "STACCHIP_DATABASE_URL": url}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [*CLI, "-q", "index", "--quality", "none", "--json", str(NAIP_200)],
+        env=env, cwd=REPO, capture_output=True, text=True, check=False,
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"stacchip-db index failed: {done.stderr.strip()}")
+    return seconds, json.loads(done.stdout)
+
+
+def run_original(items: int) -> dict | None:
+    python = ORIG_VENV / "bin" / "python"
+    if not python.exists():
+        return None
+    done = subprocess.run(
+        [str(python), "-c", ORIG_GRID, str(NAIP_200), str(items)],
+        capture_output=True, text=True, check=False,
+    )
+    if done.returncode != 0:
+        print(f"original stacchip failed: {done.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--orig-items", type=int, default=20,
+                        help="items the original's grid runs on (0: skip it)")
+    args = parser.parse_args()
+
+    rates, walls, summaries = [], [], []
+    with admin_url() as admin:
+        for rep in range(args.reps):
+            name = f"stacchip_bench_bulk_{os.getpid()}_{rep}"
+            url = fresh_database(admin, name)
+            try:
+                seconds, summary = run_ours(url)
+            finally:
+                drop_database(admin, name)
+            rates.append(summary["chips"] / seconds)
+            walls.append(seconds)
+            summaries.append(summary)
+            print(
+                f"run {rep + 1}: {summary['items']} items, {summary['chips']:,} chips in "
+                f"{seconds:.2f} s wall ({summary['seconds']:.2f} s inside the command) = "
+                f"{summary['chips'] / seconds:,.0f} chips/s; load {os.getloadavg()[0]:.2f}"
+            )
+    median = statistics.median(rates)
+    print(
+        f"stacchip-db index, 200 NAIP items, end to end incl. process start: median "
+        f"{median:,.0f} chips/s over {args.reps} runs (median wall {statistics.median(walls):.2f}"
+        f" s); goal >= {GOAL:,}: {'met' if median >= GOAL else 'NOT met'}"
+    )
+    if args.orig_items:
+        orig = run_original(args.orig_items)
+        if orig is None:
+            print(f"original stacchip: no venv at {ORIG_VENV} (run bench/setup_original.sh)")
+        else:
+            orig_rate = orig["chips"] / orig["seconds"]
+            print(
+                f"original stacchip 0.1.38 grid only (NoStatsChipIndexer, no storage), first "
+                f"{args.orig_items} items: {orig['chips']:,} chips in {orig['seconds']:.2f} s = "
+                f"{orig_rate:,.0f} chips/s; ours end to end is {median / orig_rate:.1f}x that"
+            )
+    print(f"conditions: 2-core machine shared with other jobs, load {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
