@@ -3,7 +3,6 @@ with `stats`, `preview` and `map`."""
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from collections.abc import Callable
@@ -28,13 +27,13 @@ def chip_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
     shared filter and sample options. The command receives `query`, `statement_timeout`,
     `chip_filter` and `sampling`; `select` turns them into a `ChipSelection`."""
 
-    @click.option(
+    query = click.option(
         "--query",
         metavar="SQL",
         help="A SELECT returning at least collection, item_id, chip_size, chip_index_x, "
         "chip_index_y; run read-only. Instead of the filter and sample options.",
     )
-    @click.option(
+    timeout = click.option(
         "--statement-timeout",
         type=click.FloatRange(min=0.001),
         default=STATEMENT_TIMEOUT_S,
@@ -42,12 +41,7 @@ def chip_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
         metavar="SECONDS",
         help="Time limit of the query selecting the chips.",
     )
-    @selection_options()
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return func(*args, **kwargs)
-
-    return wrapper
+    return query(timeout(selection_options()(func)))
 
 
 def select(
@@ -73,8 +67,7 @@ def select(
 
 def band_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """`--bands` and `--platform`: which bands, in which order."""
-
-    @click.option(
+    bands = click.option(
         "--bands",
         callback=lambda _ctx, _param, value: (
             [b.strip() for b in value.split(",") if b.strip()] if value else None
@@ -82,16 +75,12 @@ def band_options(func: Callable[..., Any]) -> Callable[..., Any]:
         metavar="B1,B2,…",
         help="Bands in cube order (default: the platform's).",
     )
-    @click.option(
+    platform = click.option(
         "--platform",
         type=click.Choice(list(PLATFORMS)),
         help="Band order of this platform (default: from the collection id).",
     )
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return func(*args, **kwargs)
-
-    return wrapper
+    return bands(platform(func))
 
 
 def quiet() -> bool:
