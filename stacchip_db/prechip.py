@@ -546,7 +546,8 @@ class PrechipSummary:
     def describe(self) -> str:
         rate = self.written / self.seconds if self.seconds else 0.0
         text = (
-            f"wrote {self.written} chips in {self.cubes} cubes ({rate:.1f} chips/s, "
+            f"wrote {self.written} chips in {self.cubes} cube{'s' * (self.cubes != 1)} "
+            f"({rate:.1f} chips/s, "
             f"{self.seconds:.1f} s) of {self.selected} selected"
         )
         if self.planned != self.selected:
