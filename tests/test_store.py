@@ -290,17 +290,20 @@ def test_chips_with_mixed_wkb_lengths_round_trip(database_url: str) -> None:
     ]
 
 
-@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("background, writers", [(False, 1), (True, 1), (True, 3)])
 def test_item_writer_batches(
-    background: bool, database_url: str, fixtures_dir: Path
+    background: bool, writers: int, database_url: str, fixtures_dir: Path
 ) -> None:
     lines = (fixtures_dir / NAIP_200).read_text().splitlines()[:12]
     items = [json.loads(line) for line in lines]
+    extra = [connect(database_url) for _ in range(writers - 1)]
     with connect(database_url) as conn, ItemWriter(
-        conn, chip_size=1024, batch_chips=200, background=background
+        conn, chip_size=1024, batch_chips=200, background=background, extra_connections=extra
     ) as writer:
         for item in items:
             writer.add(item, index_item(item, quality="none", chip_size=1024))
+    for extra_conn in extra:
+        extra_conn.close()
     expected = sum(index_item(i, quality="none", chip_size=1024).num_rows for i in items)
     assert writer.failures == []
     assert (writer.result.items, writer.result.chips) == (12, expected)

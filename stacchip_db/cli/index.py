@@ -10,6 +10,7 @@ commands so that `stacchip-db --help` and the other commands start fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -213,6 +214,11 @@ def _one_line(message: str, item_id: str) -> str:
     show_default=True,
     help="Items already stored: replace them, keep them, or fail.",
 )
+@click.option(
+    "--writers", type=click.IntRange(1, 16), default=1, show_default=True,
+    help="Database connections writing batches at once (the database's inserts are the "
+    "bottleneck of large runs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @with_database
 @pass_cli
@@ -227,6 +233,7 @@ def index(
     max_nodata: float,
     strict: bool,
     on_conflict: str,
+    writers: int,
     as_json: bool,
     db: Database,
 ) -> None:
@@ -242,14 +249,23 @@ def index(
     started = time.perf_counter()
     summary = Summary()
     errors: list[tuple[str, str]] = []  # (item id or place, message)
-    with db.connect() as conn, ItemWriter(
-        conn, chip_size=chip_size, strict=strict, on_conflict=on_conflict, background=True
-    ) as writer, click.progressbar(
-        length=_count_items(sources),
-        label="indexing items",
-        file=sys.stderr,
-        hidden=cli.quiet or as_json,
-    ) as bar:
+    with contextlib.ExitStack() as stack:
+        conn = stack.enter_context(db.connect())
+        extra = [stack.enter_context(db.connect()) for _ in range(writers - 1)]
+        writer = stack.enter_context(
+            ItemWriter(
+                conn, chip_size=chip_size, strict=strict, on_conflict=on_conflict,
+                background=True, extra_connections=extra,
+            )
+        )
+        bar = stack.enter_context(
+            click.progressbar(
+                length=_count_items(sources),
+                label="indexing items",
+                file=sys.stderr,
+                hidden=cli.quiet or as_json,
+            )
+        )
         for source in read_sources(sources):
             bar.update(1)
             if source.item is None:

@@ -549,7 +549,10 @@ class ItemWriter:
     the bad ones are named in `failures` and the others stored. With `background=True` batches
     are written by a thread while the caller goes on indexing (the database works in its own
     process, so the two overlap even under the GIL); at most two batches wait in memory.
-    An item added twice is written by the later batch (the two batches run in order).
+    `extra_connections` (background only; the caller opens and closes them) add one writer
+    thread each, so several database backends insert at once.
+    An item added twice is written by the later batch when there is one writer; with several,
+    either version may end up stored (each consistently, never a mix).
     """
 
     def __init__(
@@ -562,7 +565,10 @@ class ItemWriter:
         batch_chips: int = BATCH_CHIPS,
         batch_items: int = BATCH_ITEMS,
         background: bool = False,
+        extra_connections: Sequence[psycopg.Connection] = (),
     ) -> None:
+        if extra_connections and not background:
+            raise ValueError("extra_connections need background=True (one thread each)")
         self.conn = conn
         self.chip_size = chip_size
         self.strict = strict
@@ -574,15 +580,22 @@ class ItemWriter:
         self._batch: list[tuple[Mapping[str, Any], pa.Table]] = []
         self._batch_keys: set[tuple[str, str]] = set()
         self._batch_rows = 0
+        self._lock = threading.Lock()  # result and failures, shared by the writer threads
         self._queue: queue.Queue[list[tuple[Mapping[str, Any], pa.Table]] | None] | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
         if background:
-            self._queue = queue.Queue(maxsize=2)
-            self._thread = threading.Thread(
-                target=self._drain, args=(self._queue,), name="stacchip-store", daemon=True
-            )
-            self._thread.start()
+            connections = [conn, *extra_connections]
+            self._queue = queue.Queue(maxsize=len(connections) + 1)
+            for n, writer_conn in enumerate(connections):
+                thread = threading.Thread(
+                    target=self._drain,
+                    args=(self._queue, writer_conn),
+                    name=f"stacchip-store-{n}",
+                    daemon=True,
+                )
+                thread.start()
+                self._threads.append(thread)
 
     def __enter__(self) -> ItemWriter:
         return self
@@ -595,7 +608,8 @@ class ItemWriter:
         try:
             key = check_item(item)[:2]
         except ItemError as e:  # caught before it can spoil a whole batch
-            self.failures.append(ItemFailure(_item_id(item), str(e)))
+            with self._lock:
+                self.failures.append(ItemFailure(_item_id(item), str(e)))
             return False
         if key in self._batch_keys:  # one item once per transaction
             self.flush()
@@ -607,25 +621,27 @@ class ItemWriter:
         return True
 
     def flush(self) -> None:
-        """Write (or hand to the thread) what has been added so far."""
+        """Write (or hand to a writer thread) what has been added so far."""
         if not self._batch:
             return
         batch, self._batch, self._batch_keys, self._batch_rows = self._batch, [], set(), 0
         if self._queue is None:
-            self._write(batch)
+            self._write(batch, self.conn)
             return
         self._raise_thread_error()
         self._queue.put(batch)
 
     def close(self) -> None:
-        """Write the last batch and wait for the thread; re-raises a thread's crash."""
+        """Write the last batch and wait for the threads; re-raises a thread's crash."""
         try:
             self.flush()
         finally:
-            if self._thread is not None and self._queue is not None:
-                self._queue.put(None)
-                self._thread.join()
-                self._thread = None
+            if self._queue is not None:
+                for _ in self._threads:
+                    self._queue.put(None)
+                for thread in self._threads:
+                    thread.join()
+                self._threads = []
         self._raise_thread_error()
 
     def _raise_thread_error(self) -> None:
@@ -633,29 +649,42 @@ class ItemWriter:
             error, self._error = self._error, None
             raise error
 
-    def _drain(self, batches: queue.Queue[list[tuple[Mapping[str, Any], pa.Table]] | None]) -> None:
+    def _drain(
+        self,
+        batches: queue.Queue[list[tuple[Mapping[str, Any], pa.Table]] | None],
+        conn: psycopg.Connection,
+    ) -> None:
         while (batch := batches.get()) is not None:
             if self._error is not None:
                 continue  # keep draining so the producer never blocks on a dead thread
             try:
-                self._write(batch)
+                self._write(batch, conn)
             except BaseException as e:  # handed to the caller by flush/close
                 self._error = e
 
-    def _write(self, batch: list[tuple[Mapping[str, Any], pa.Table]]) -> None:
+    def _write(
+        self, batch: list[tuple[Mapping[str, Any], pa.Table]], conn: psycopg.Connection
+    ) -> None:
         kwargs = {
             "chip_size": self.chip_size, "strict": self.strict, "on_conflict": self.on_conflict
         }
         try:
-            self.result.add(store_items(self.conn, batch, **kwargs))
+            self._done(store_items(conn, batch, **kwargs))
             return
         except StacchipError as e:
             if len(batch) == 1:
-                self.failures.append(ItemFailure(_item_id(batch[0][0]), str(e)))
+                self._done(failure=ItemFailure(_item_id(batch[0][0]), str(e)))
                 return
             log.debug("batch of %d items failed (%s); storing them one by one", len(batch), e)
         for item, chips in batch:
             try:
-                self.result.add(store_items(self.conn, [(item, chips)], **kwargs))
+                self._done(store_items(conn, [(item, chips)], **kwargs))
             except StacchipError as e:
-                self.failures.append(ItemFailure(_item_id(item), str(e)))
+                self._done(failure=ItemFailure(_item_id(item), str(e)))
+
+    def _done(self, result: StoreResult | None = None, failure: ItemFailure | None = None) -> None:
+        with self._lock:
+            if result is not None:
+                self.result.add(result)
+            if failure is not None:
+                self.failures.append(failure)
