@@ -5,7 +5,7 @@ Each reads the original stacchip environment variables and runs `stacchip-db ing
 | variable | meaning |
 | --- | --- |
 | `AWS_BATCH_JOB_ARRAY_INDEX` | the job index (row of the sample source); set by Batch array jobs |
-| `STACCHIP_MGRS_SOURCE` (sentinel-2, -1) or `STACCHIP_SAMPLE_SOURCE` (landsat, naip) | samples |
+| `STACCHIP_MGRS_SOURCE` (sentinel-2), `STACCHIP_SAMPLE_SOURCE` (the others) | samples |
 | `STACCHIP_BUCKET` | target: a bucket name (`s3://NAME`), an `s3://` URL, or a local directory |
 | `STACCHIP_DATABASE_URL` | the database (a PostgreSQL server; Batch has no embedded one) |
 

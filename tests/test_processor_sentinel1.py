@@ -112,7 +112,7 @@ def test_batch_entrypoint_reads_the_mgrs_source(database_url, sensor_api, s3_ser
         "sentinel-1",
         {
             "AWS_BATCH_JOB_ARRAY_INDEX": str(JOB),
-            "STACCHIP_MGRS_SOURCE": samples,
+            "STACCHIP_SAMPLE_SOURCE": samples,
             "STACCHIP_BUCKET": bucket,
             "STACCHIP_DATABASE_URL": database_url,
             "STACCHIP_STAC_API": sensor_api.url,

@@ -12,8 +12,8 @@ Rules (the original stacchip's, with its slips fixed):
 - quality: nodata where `vv` equals its nodata value (the file's, written into the stored
   item's `raster:bands`; -32768 when neither says), never cloud.
 
-The sample source is `STACCHIP_MGRS_SOURCE` for the Batch entrypoint, as the original's
-Sentinel-1 job read it.
+The Batch entrypoint reads the sample source from `STACCHIP_SAMPLE_SOURCE`, as every processor
+but sentinel-2 does (the original's Sentinel-1 job reused `STACCHIP_MGRS_SOURCE`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ class Sentinel1(Processor):
     assets = ("vv", "vh")
     quality = nodata_value_rule("vv", DEFAULT_NODATA, name="sentinel-1")
     signs_hrefs = True
-    sample_source_env = "STACCHIP_MGRS_SOURCE"
 
     def plan(self, context: PlanContext) -> list[Scene]:
         year, quarter = choose_quarter(context.request.index)
