@@ -45,6 +45,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from stacchip_db.config import Settings
 from stacchip_db.db import connect, init_database, resolve_url
 from stacchip_db.errors import StacchipError
+from stacchip_db.processors.sentinel2 import Sentinel2
 from stacchip_db.synthetic import synthesize_item
 
 log = logging.getLogger(__name__)
@@ -54,19 +55,7 @@ S2_FIXTURE = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 NAIP_FIXTURE = "naip-planetary-computer-200.ndjson"
 S2_COLLECTION_FIXTURE = "sentinel-2-l2a-collection.json"
 NAIP_COLLECTION_FIXTURE = "naip-collection.json"
-S2_ASSETS = (
-    "blue",
-    "green",
-    "red",
-    "nir",
-    "nir08",
-    "rededge1",
-    "rededge2",
-    "rededge3",
-    "scl",
-    "swir16",
-    "swir22",
-)
+S2_ASSETS = Sentinel2.assets
 S2_TILE = "20HNJ"
 S2_SAMPLE_BOX = (-62.40, -33.10, -62.20, -32.90)
 """A small area inside the fixture scene's footprint (lon/lat box)."""

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
+import click
 import pystac
 from pystac.utils import is_absolute_href
 from pystac_client import Client
@@ -67,6 +68,19 @@ class JobFailed(StacchipError):
 
 
 # -- what a processor states ------------------------------------------------------------------
+
+
+MAX_CLOUD_COVER = 75.0
+"""Default cloud limit in percent (eo:cloud_cover); the original compared it with 0.75."""
+
+max_cloud_cover_option = click.option(
+    "--max-cloud-cover",
+    type=click.FloatRange(0, 100),
+    default=MAX_CLOUD_COVER,
+    show_default=True,
+    help="Skip a quarter's least cloudy scene above this eo:cloud_cover (percent).",
+)
+"""The cloud limit option of the processors that pick the least cloudy scene per quarter."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,13 @@ import click
 import pystac
 
 from stacchip_db.processors import register
-from stacchip_db.processors.base import PlanContext, Processor, Scene
+from stacchip_db.processors.base import (
+    MAX_CLOUD_COVER,
+    PlanContext,
+    Processor,
+    Scene,
+    max_cloud_cover_option,
+)
 from stacchip_db.quality import LANDSAT_RULE
 from stacchip_db.stac_api import search_one
 
@@ -75,17 +81,11 @@ class Landsat(Processor):
             show_default=True,
             help="Level-1 collection searched in the first year (--collection: Level-2).",
         ),
-        click.option(
-            "--max-cloud-cover",
-            type=click.FloatRange(0, 100),
-            default=75.0,
-            show_default=True,
-            help="Skip a quarter's least cloudy scene above this eo:cloud_cover (percent).",
-        ),
+        max_cloud_cover_option,
     )
 
     def plan(self, context: PlanContext) -> list[Scene]:
-        max_cloud = float(context.options.get("max_cloud_cover", 75.0))
+        max_cloud = float(context.options.get("max_cloud_cover", MAX_CLOUD_COVER))
         l1_year, l2_year = choose_years(context.request.index)
         l1_collection = str(context.options.get("l1_collection") or L1_COLLECTION)
         scenes = []

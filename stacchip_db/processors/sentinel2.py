@@ -15,11 +15,16 @@ from __future__ import annotations
 import logging
 import random
 
-import click
 import pystac
 
 from stacchip_db.processors import register
-from stacchip_db.processors.base import PlanContext, Processor, Scene
+from stacchip_db.processors.base import (
+    MAX_CLOUD_COVER,
+    PlanContext,
+    Processor,
+    Scene,
+    max_cloud_cover_option,
+)
 from stacchip_db.quality import S2_RULE
 from stacchip_db.stac_api import search_one
 from stacchip_db.storage import s3_url_from_https
@@ -60,18 +65,12 @@ class Sentinel2(Processor):
     requester_pays = False  # sentinel-cogs is a free, public bucket
     sample_source_env = "STACCHIP_MGRS_SOURCE"
     cli_options = (
-        click.option(
-            "--max-cloud-cover",
-            type=click.FloatRange(0, 100),
-            default=75.0,
-            show_default=True,
-            help="Skip a quarter's least cloudy scene above this eo:cloud_cover (percent).",
-        ),
+        max_cloud_cover_option,
     )
 
     def plan(self, context: PlanContext) -> list[Scene]:
         tile = str(context.sample.attribute("name", context.request.sample_source)).strip()
-        max_cloud = float(context.options.get("max_cloud_cover", 75.0))
+        max_cloud = float(context.options.get("max_cloud_cover", MAX_CLOUD_COVER))
         scenes = []
         for year in choose_years(context.request.index):
             for quarter, (start, end) in enumerate(QUARTERS, 1):
