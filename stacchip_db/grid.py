@@ -21,20 +21,20 @@ Two deliberate differences, both fixes:
   `shapely.box(left, bottom, right, top)` gives. The geometries are equal (`ST_Equals`).
 
 Footprints are computed for the whole grid at once: the `(y_size + 1) x (x_size + 1)` lattice of
-chip corners goes through one pyproj call and the polygons are assembled by shapely's vectorised
-constructors, so a 43 x 43 Sentinel-2 grid costs milliseconds, not one transform per chip.
+chip corners goes through one pyproj call (one cached transformer per CRS), and the WKB polygons
+are written by numpy as fixed 93-byte records, so a 43 x 43 Sentinel-2 grid costs milliseconds,
+not one transform per chip.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
 import pyproj
-import shapely
 from affine import Affine
 from rasterio.windows import Window
 
@@ -47,6 +47,10 @@ CRS_KEYS = ("proj:code", "proj:epsg", "proj:wkt2", "proj:projjson")
 """Projection-extension fields a CRS is read from, in order of preference."""
 
 _WGS84 = pyproj.CRS.from_epsg(4326)
+# A 4-corner polygon as little-endian WKB: byte order, type 3 (Polygon), one ring of 5 points.
+_POLYGON_WKB = np.dtype(
+    [("byte_order", "u1"), ("type", "<u4"), ("rings", "<u4"), ("points", "<u4"), ("xy", "<f8", 10)]
+)
 _METRE_UNITS = frozenset({"metre", "meter", "m"})
 # Pixel-coordinate tolerance for "is an integer": generous for float noise in STAC transforms
 # (values like 0.6 or 4749053.4), far below any real misalignment.
@@ -245,6 +249,15 @@ def item_georeference(
     )
 
 
+@lru_cache(maxsize=32)
+def _to_wgs84(crs: pyproj.CRS) -> pyproj.Transformer:
+    """The transformer from `crs` to EPSG:4326 (lon, lat); built once per CRS (1.5 ms each).
+
+    pyproj transformers are thread-safe (pyproj >= 3.1), so one is shared by all threads.
+    """
+    return pyproj.Transformer.from_crs(crs, _WGS84, always_xy=True)
+
+
 @dataclass(frozen=True)
 class ChipGrid:
     """The chips of one item: `y_size` rows of `x_size` chips of `chip_size` pixels.
@@ -289,8 +302,7 @@ class ChipGrid:
         t = self.transform
         xs = t.a * cc + t.b * rr + t.c
         ys = t.d * cc + t.e * rr + t.f
-        to_wgs84 = pyproj.Transformer.from_crs(self.crs, _WGS84, always_xy=True)
-        lon, lat = to_wgs84.transform(xs.ravel(), ys.ravel(), errcheck=False)
+        lon, lat = _to_wgs84(self.crs).transform(xs.ravel(), ys.ravel(), errcheck=False)
         lonlat = np.stack([lon, lat], axis=-1).reshape(*cc.shape, 2)
         if not np.isfinite(lonlat).all():
             raise GridError(
@@ -299,14 +311,8 @@ class ChipGrid:
             )
         return lonlat
 
-    def footprints(self, chips: np.ndarray | None = None) -> np.ndarray:
-        """Chip footprints as shapely Polygons in EPSG:4326, ordered by y then x.
-
-        `chips` selects chips by their position in that order (`y * x_size + x`), so callers
-        that drop chips do not pay for their polygons. Rings follow `shapely.box`: bottom-right,
-        top-right, top-left, bottom-left (for a north-up grid), oriented counter-clockwise
-        whatever the grid's handedness.
-        """
+    def _rings(self, chips: np.ndarray | None) -> np.ndarray:
+        """Closed exterior rings `(n, 5, 2)` of the chips (see `footprints`), counter-clockwise."""
         ll = self._corners_lonlat
         # Corner lattice index (row, col) offsets of each ring vertex relative to the chip's
         # top-left corner: BR, TR, TL, BL, BR (closed ring).
@@ -319,11 +325,34 @@ class ChipGrid:
         x, y = ring[:, :-1, 0], ring[:, :-1, 1]
         twice_area = (x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y).sum(axis=1)
         ring[twice_area < 0] = ring[twice_area < 0, ::-1]
-        return shapely.polygons(ring)
+        return ring
+
+    def footprints(self, chips: np.ndarray | None = None) -> np.ndarray:
+        """Chip footprints as shapely Polygons in EPSG:4326, ordered by y then x.
+
+        `chips` selects chips by their position in that order (`y * x_size + x`), so callers
+        that drop chips do not pay for their polygons. Rings follow `shapely.box`: bottom-right,
+        top-right, top-left, bottom-left (for a north-up grid), oriented counter-clockwise
+        whatever the grid's handedness.
+        """
+        import shapely  # only here: footprints_wkb, the index's path, needs no geometry objects
+
+        return shapely.polygons(self._rings(chips))
 
     def footprints_wkb(self, chips: np.ndarray | None = None) -> np.ndarray:
-        """Chip footprints as WKB bytes (object array); `chips` as in `footprints`."""
-        return shapely.to_wkb(self.footprints(chips))
+        """Chip footprints as WKB bytes (object array); `chips` as in `footprints`.
+
+        The same bytes as `shapely.to_wkb(self.footprints(chips))` on a little-endian machine
+        (here always little-endian): one 93-byte 2D Polygon per chip, written by numpy.
+        """
+        rings = self._rings(chips)
+        records = np.empty(len(rings), dtype=_POLYGON_WKB)
+        records["byte_order"] = 1
+        records["type"] = 3
+        records["rings"] = 1
+        records["points"] = 5
+        records["xy"] = rings.reshape(len(rings), 10)
+        return records.view(f"V{_POLYGON_WKB.itemsize}").astype(object)
 
     def alignment(self, transform: Affine, *, asset: str = "asset") -> tuple[int, int, int, int]:
         """`(fx, fy, col0, row0)` of another pixel grid relative to this one.

@@ -242,3 +242,32 @@ def test_chip_size_must_be_a_positive_integer(size):
 def test_errors_are_one_family():
     for error in (NoCRSError, CRSUnitError, NoGeoreferenceError, AssetGridError, ChipSizeError):
         assert issubclass(error, GridError) and issubclass(error, StacchipError)
+
+
+@pytest.mark.parametrize(
+    ("name", "chip_size", "flip"),
+    [
+        (SMALL, 256, None),
+        (NAIP, 512, None),
+        (LANDSAT, 512, None),
+        (S2, 256, None),
+        (NAIP, 1024, "south-up"),  # clockwise lattice: rings reversed
+        (NAIP, 1024, "mirrored"),
+    ],
+)
+def test_footprints_wkb_is_byte_identical_to_shapely(name, chip_size, flip):
+    item = load(name)
+    if flip is not None:
+        a, b, c, d, e, f = item["properties"]["proj:transform"][:6]
+        south_up, mirrored = [a, b, c, d, -e, f - e * 20000], [-a, b, c + a * 20000, d, e, f]
+        item["properties"]["proj:transform"] = south_up if flip == "south-up" else mirrored
+    grid = chip_grid(item, chip_size=chip_size)
+    subsets = (np.arange(0, grid.size, 3), np.array([grid.size - 1, 0]), np.array([], int))
+    for chips in (None, *subsets):
+        ours = grid.footprints_wkb(chips)
+        expected = shapely.to_wkb(grid.footprints(chips), byte_order=1)  # little-endian WKB
+        assert ours.dtype == object and ours.shape == expected.shape
+        assert all(type(w) is bytes and len(w) == 93 for w in ours)
+        assert ours.tolist() == expected.tolist()
+    ours = grid.footprints_wkb()
+    assert shapely.is_ccw(shapely.get_exterior_ring(shapely.from_wkb(ours))).all()
