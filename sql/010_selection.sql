@@ -252,15 +252,246 @@ AS $$
 $$;
 
 -- Stratified sampling: each stratum present (`stratify_by` 'collection', 'year', 'quarter', or
--- 'cell' with `cell_size` degrees, see stacchip.chip_stratum) gives the same number of chips,
--- ceil(n / strata), fewer where a stratum has fewer (no redistribution); when that overshoots n
--- the total is cut to n in sampling order, so strata differ by at most one chip. Within a
--- stratum chips come in the same seeded order as `sample_chips`. This ranks every chip that
--- passes the filters (a sort of the filtered set, not of the table): filter first.
+-- 'cell' with `cell_size` degrees, see stacchip.chip_stratum; NULL = one stratum) gives the same
+-- number of chips, k = ceil(n / strata present), or all it has when fewer (no redistribution).
+-- A stratum's chips are its first k matching chips in the seeded order of `sample_chips` (from
+-- the seed's offset up in sampling-key order, then wrapping around): a stratum's share is the
+-- plain sample of that stratum. When the strata give more than n, the total is cut to n in the
+-- order (rank in stratum, lap, sampling key), so strata then differ by at most one chip; rows
+-- come in that order. Same seed + same data = same chips on any server.
+--
+-- How: PL/pgSQL (so it is not inlined), running inlinable queries with the arguments as one-shot
+-- parameters, so unset filters still fold away. It lists candidate strata cheaply (the given
+-- collections or a skip scan of the primary key; the quarters between the first and last chip
+-- within the time filter, less those the months/quarters filters exclude), keeps those with a
+-- matching chip (one EXISTS each), then takes each stratum's first k with a LIMIT k query whose
+-- plan PostgreSQL chooses: an ordered walk of the (quarter, key) or (collection, key) index
+-- (alembic 0005) that stops after k matches, or a bitmap scan of the few chips matching a narrow
+-- filter. A year is the merge of its four quarters' walks. Cost grows with k / (share of the
+-- stratum passing the filters), not with the matching set. 'cell' strata cannot be listed
+-- without reading the chips, so they rank every matching chip (a sort of the filtered set:
+-- filter first).
 DROP FUNCTION IF EXISTS stacchip.sample_chips_stratified(
     int, bigint, text, float8, text[], float8[], geometry, timestamptz, timestamptz, int[], int[], real, real, int, text,
     float8, float8[], float8
 );
+
+-- The work, under another name: PL/pgSQL does not allow the filter `chip_size` beside the output
+-- column `chip_size`, so the filter is `chip_size_filter` here.
+DROP FUNCTION IF EXISTS stacchip.sample_chips_stratified_run(
+    int, bigint, text, float8, text[], float8[], geometry, timestamptz, timestamptz, int[], int[], real, real, int, text,
+    float8, float8[], float8
+);
+CREATE FUNCTION stacchip.sample_chips_stratified_run(
+    n int,
+    seed bigint DEFAULT 0,
+    stratify_by text DEFAULT 'collection',
+    cell_size float8 DEFAULT 1.0,
+    collections text[] DEFAULT NULL,
+    bbox float8[] DEFAULT NULL,
+    intersects geometry DEFAULT NULL,
+    start_time timestamptz DEFAULT NULL,
+    end_time timestamptz DEFAULT NULL,
+    months int[] DEFAULT NULL,
+    quarters int[] DEFAULT NULL,
+    max_cloud real DEFAULT NULL,
+    max_nodata real DEFAULT NULL,
+    chip_size_filter int DEFAULT NULL,
+    split text DEFAULT NULL,
+    block_size float8 DEFAULT 1.0,
+    split_fractions float8[] DEFAULT '{0.8,0.1,0.1}',
+    split_buffer float8 DEFAULT NULL
+)
+RETURNS TABLE (
+    chip_id text,
+    collection text,
+    item_id text,
+    chip_size int,
+    chip_index_x int,
+    chip_index_y int,
+    datetime timestamptz,
+    cloud_fraction real,
+    nodata_fraction real,
+    geometry geometry(Polygon, 4326)
+)
+LANGUAGE plpgsql VOLATILE PARALLEL RESTRICTED
+-- The filters' PostGIS costs make every plan look expensive enough to compile; it never pays.
+SET jit = off
+AS $fn$
+DECLARE
+    -- $1..$14: the filters, $15: the seed's offset, $16: k, $17: n, $18: cell_size.
+    matching constant text := 'SELECT s.*, stacchip.chip_sample_key(s.collection, s.item_id, '
+        's.chip_size, s.chip_index_x, s.chip_index_y) AS sample_key '
+        'FROM stacchip.select_chips(collections => $1, bbox => $2, intersects => $3, '
+        'start_time => $4, end_time => $5, months => $6, quarters => $7, max_cloud => $8, '
+        'max_nodata => $9, chip_size => $10, split => $11, block_size => $12, '
+        'split_fractions => $13, split_buffer => $14) AS s';
+    quarter_of constant text := 'date_trunc(''quarter'', s.datetime AT TIME ZONE ''UTC'')';
+    columns constant text := 'chip_id, collection, item_id, chip_size, chip_index_x, '
+        'chip_index_y, datetime, cloud_fraction, nodata_fraction, geometry';
+    candidates text[] := '{}';  -- per candidate stratum: a query of its matching chips, keyed
+    present text[] := '{}';
+    first_time timestamptz;
+    last_time timestamptz;
+    quarter_start timestamp;
+    arms text[];
+    found boolean;
+    k int;
+    legs text := '';
+    strata text := '';
+    i int;
+    plan json;
+    bitmaps text;
+BEGIN
+    PERFORM stacchip.check_choice(stratify_by, '{collection,year,quarter,cell}', 'stratify_by');
+    IF n IS NULL OR n <= 0 THEN
+        RETURN;
+    END IF;
+
+    IF stratify_by = 'cell' THEN
+        RETURN QUERY EXECUTE format(
+            $q$
+            WITH ranked AS (
+                SELECT m.*, row_number() OVER (
+                    PARTITION BY m.stratum ORDER BY m.sample_key < $15, m.sample_key
+                ) AS rank_in_stratum
+                FROM (SELECT k.*, stacchip.chip_block(k.geometry, $18) AS stratum
+                      FROM (%s OFFSET 0) AS k) AS m
+            ),
+            capped AS (
+                SELECT ranked.*, count(*) FILTER (WHERE rank_in_stratum = 1) OVER () AS strata
+                FROM ranked WHERE rank_in_stratum <= $17
+            )
+            SELECT %s FROM capped
+            WHERE rank_in_stratum <= ceil($17::numeric / strata)
+            ORDER BY rank_in_stratum, sample_key < $15, sample_key
+            LIMIT $17
+            $q$, matching, columns)
+        USING collections, bbox, intersects, start_time, end_time, months, quarters,
+              max_cloud, max_nodata, chip_size_filter, split, block_size, split_fractions,
+              split_buffer, stacchip.sample_offset(seed), NULL::int, n, cell_size;
+        RETURN;
+    END IF;
+
+    IF stratify_by IS NULL THEN
+        candidates := ARRAY[matching];
+    ELSIF stratify_by = 'collection' THEN
+        IF collections IS NOT NULL THEN
+            SELECT coalesce(array_agg(format('%s WHERE s.collection = %L', matching, c)
+                                      ORDER BY c), '{}')
+            INTO candidates
+            FROM (SELECT DISTINCT c FROM unnest(collections) AS c WHERE c IS NOT NULL) AS d;
+        ELSE
+            -- The distinct collections by a skip scan of the primary key.
+            EXECUTE $q$
+                WITH RECURSIVE walk AS (
+                    SELECT min(c.collection) AS c FROM stacchip.chips AS c
+                    UNION ALL
+                    SELECT (SELECT min(c.collection) FROM stacchip.chips AS c
+                            WHERE c.collection > walk.c)
+                    FROM walk WHERE walk.c IS NOT NULL
+                )
+                SELECT coalesce(array_agg(format('%s WHERE s.collection = %L', $1, c)
+                                          ORDER BY c), '{}')
+                FROM walk WHERE c IS NOT NULL
+            $q$ INTO candidates USING matching;
+        END IF;
+    ELSE
+        -- Quarters (UTC) from the first to the last chip within the time filter.
+        EXECUTE 'SELECT min(c.datetime), max(c.datetime) FROM stacchip.chips AS c '
+                'WHERE ($1::timestamptz IS NULL OR c.datetime >= $1) '
+                'AND ($2::timestamptz IS NULL OR c.datetime < $2)'
+            INTO first_time, last_time USING start_time, end_time;
+        IF first_time IS NULL THEN
+            RETURN;
+        END IF;
+        quarter_start := date_trunc('year', first_time AT TIME ZONE 'UTC');
+        arms := '{}';
+        WHILE quarter_start <= last_time AT TIME ZONE 'UTC' LOOP
+            IF (quarters IS NULL OR extract(quarter FROM quarter_start)::int = ANY (quarters))
+               AND (months IS NULL OR EXISTS (
+                    SELECT 1 FROM unnest(months) AS m
+                    WHERE (m - 1) / 3 + 1 = extract(quarter FROM quarter_start)::int))
+               AND quarter_start >= date_trunc('quarter', first_time AT TIME ZONE 'UTC')
+            THEN
+                arms := arms || format(
+                    '%s WHERE date_trunc(%L, s.datetime AT TIME ZONE ''UTC'') '
+                    '= make_timestamp(%s, %s, 1, 0, 0, 0)', matching, stratify_by,
+                    extract(year FROM quarter_start)::int,
+                    CASE WHEN stratify_by = 'year' THEN 1
+                         ELSE extract(month FROM quarter_start)::int END);
+            END IF;
+            quarter_start := quarter_start + interval '3 months';
+        END LOOP;
+        -- A year is one stratum however many of its quarters are left.
+        SELECT coalesce(array_agg(DISTINCT a), '{}') INTO candidates FROM unnest(arms) AS a;
+    END IF;
+
+    -- When the planner expects a stratum to hold many times k matching chips, walk its
+    -- (stratum, key) index and stop after k: PostGIS' high function costs make it overrate a
+    -- bitmap scan that reads every matching chip. Otherwise leave the choice to it.
+    EXECUTE 'EXPLAIN (FORMAT JSON) ' || matching INTO plan
+        USING collections, bbox, intersects, start_time, end_time, months, quarters,
+              max_cloud, max_nodata, chip_size_filter, split, block_size, split_fractions,
+              split_buffer;
+    bitmaps := current_setting('enable_bitmapscan');
+    IF (plan -> 0 -> 'Plan' ->> 'Plan Rows')::float8 >= 4.0 * n THEN
+        PERFORM set_config('enable_bitmapscan', 'off', true);
+    END IF;
+
+    -- The strata present: those with at least one matching chip.
+    FOR i IN 1 .. coalesce(cardinality(candidates), 0) LOOP
+        EXECUTE format('SELECT EXISTS (%s)', candidates[i]) INTO found
+            USING collections, bbox, intersects, start_time, end_time, months, quarters,
+                  max_cloud, max_nodata, chip_size_filter, split, block_size, split_fractions,
+                  split_buffer;
+        IF found THEN
+            present := present || candidates[i];
+        END IF;
+    END LOOP;
+    IF cardinality(present) = 0 THEN
+        PERFORM set_config('enable_bitmapscan', bitmaps, true);
+        RETURN;
+    END IF;
+    k := ceil(n::numeric / cardinality(present));
+
+
+    -- Per stratum: its first k from the offset up, then (only if it has fewer) from the lowest
+    -- key; LIMIT 0 does not start the second walk.
+    FOR i IN 1 .. cardinality(present) LOOP
+        legs := legs || format(
+            $q$
+            up_%1$s AS MATERIALIZED (
+                SELECT 0 AS lap, u.* FROM (%2$s) AS u
+                WHERE u.sample_key >= $15 ORDER BY u.sample_key LIMIT $16
+            ),
+            wrapped_%1$s AS MATERIALIZED (
+                SELECT 1 AS lap, u.* FROM (%2$s) AS u
+                WHERE u.sample_key < $15 ORDER BY u.sample_key
+                LIMIT greatest($16 - (SELECT count(*) FROM up_%1$s), 0)
+            ),
+            $q$, i, present[i]);
+        strata := strata || CASE WHEN i > 1 THEN ' UNION ALL ' ELSE '' END || format(
+            'SELECT %1$s AS stratum, * FROM up_%1$s UNION ALL SELECT %1$s, * FROM wrapped_%1$s',
+            i);
+    END LOOP;
+    RETURN QUERY EXECUTE format(
+        $q$
+        WITH %s
+        ranked AS (
+            SELECT t.*, row_number() OVER (
+                PARTITION BY t.stratum ORDER BY t.lap, t.sample_key) AS rank_in_stratum
+            FROM (%s) AS t
+        )
+        SELECT %s FROM ranked ORDER BY rank_in_stratum, lap, sample_key LIMIT $17
+        $q$, legs, strata, columns)
+    USING collections, bbox, intersects, start_time, end_time, months, quarters,
+          max_cloud, max_nodata, chip_size_filter, split, block_size, split_fractions,
+          split_buffer, stacchip.sample_offset(seed), k, n;
+    PERFORM set_config('enable_bitmapscan', bitmaps, true);
+END
+$fn$;
+
 CREATE FUNCTION stacchip.sample_chips_stratified(
     n int,
     seed bigint DEFAULT 0,
@@ -293,48 +524,10 @@ RETURNS TABLE (
     nodata_fraction real,
     geometry geometry(Polygon, 4326)
 )
-LANGUAGE sql STABLE PARALLEL SAFE
+LANGUAGE sql STABLE
 AS $$
-    WITH keyed AS (
-        -- OFFSET 0 keeps this level apart, so the md5 of each chip is computed once.
-        SELECT s.*,
-               stacchip.chip_stratum(sample_chips_stratified.stratify_by, s.collection,
-                                     s.datetime, s.geometry,
-                                     sample_chips_stratified.cell_size) AS stratum,
-               stacchip.chip_sample_key(s.collection, s.item_id, s.chip_size,
-                                        s.chip_index_x, s.chip_index_y) AS sample_key
-        FROM stacchip.select_chips(
-            collections => sample_chips_stratified.collections, bbox => sample_chips_stratified.bbox,
-            intersects => sample_chips_stratified.intersects, start_time => sample_chips_stratified.start_time,
-            end_time => sample_chips_stratified.end_time, months => sample_chips_stratified.months,
-            quarters => sample_chips_stratified.quarters, max_cloud => sample_chips_stratified.max_cloud,
-            max_nodata => sample_chips_stratified.max_nodata, chip_size => sample_chips_stratified.chip_size,
-            split => sample_chips_stratified.split, block_size => sample_chips_stratified.block_size,
-            split_fractions => sample_chips_stratified.split_fractions,
-            split_buffer => sample_chips_stratified.split_buffer
-        ) AS s
-        OFFSET 0
-    ),
-    ranked AS (
-        SELECT keyed.*,
-               (sample_key < stacchip.sample_offset(sample_chips_stratified.seed))::int AS lap,
-               row_number() OVER (
-                   PARTITION BY stratum
-                   ORDER BY sample_key < stacchip.sample_offset(sample_chips_stratified.seed),
-                            sample_key
-               ) AS rank_in_stratum
-        FROM keyed
-    ),
-    -- No stratum needs more than n: cutting here first keeps the strata count cheap.
-    capped AS (
-        SELECT ranked.*, count(*) FILTER (WHERE rank_in_stratum = 1) OVER () AS strata
-        FROM ranked
-        WHERE rank_in_stratum <= sample_chips_stratified.n
-    )
-    SELECT chip_id, collection, item_id, chip_size, chip_index_x, chip_index_y, datetime,
-           cloud_fraction, nodata_fraction, geometry
-    FROM capped
-    WHERE rank_in_stratum <= ceil(sample_chips_stratified.n::numeric / strata)
-    ORDER BY rank_in_stratum, lap, sample_key
-    LIMIT sample_chips_stratified.n
+    SELECT * FROM stacchip.sample_chips_stratified_run(
+        n, seed, stratify_by, cell_size, collections, bbox, intersects, start_time, end_time,
+        months, quarters, max_cloud, max_nodata, chip_size, split, block_size, split_fractions,
+        split_buffer)
 $$;

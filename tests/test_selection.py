@@ -470,3 +470,67 @@ def test_parsing_user_input(tmp_path) -> None:
     assert shapely.from_wkt(read_geometry(wkt)).area == 0.5
     with pytest.raises(SelectionError, match="does not exist"):
         read_geometry(tmp_path / "missing.geojson")
+
+
+# The definition of a stratified sample, as one window-function query over every matching chip
+# (what sample_chips_stratified computed before it walked each stratum): each stratum present gets
+# its first k = ceil(n / strata) chips in seeded order (offset up, then wrapped), the total cut to
+# n in (rank in stratum, lap, sampling key) order.
+_REFERENCE_STRATIFIED = """
+WITH keyed AS (
+    SELECT s.chip_id,
+           stacchip.chip_stratum(%(by)s, s.collection, s.datetime, s.geometry, 1.0) AS stratum,
+           stacchip.chip_sample_key(s.collection, s.item_id, s.chip_size, s.chip_index_x,
+                                    s.chip_index_y) AS key
+    FROM stacchip.select_chips(max_cloud => %(max_cloud)s::real, months => %(months)s::int[],
+                               start_time => %(start)s::timestamptz) AS s
+), ranked AS (
+    SELECT *, key < stacchip.sample_offset(%(seed)s) AS lap,
+           row_number() OVER (PARTITION BY stratum
+                              ORDER BY key < stacchip.sample_offset(%(seed)s), key) AS rank
+    FROM keyed
+)
+SELECT chip_id FROM ranked
+WHERE rank <= ceil(%(n)s::numeric / (SELECT count(DISTINCT stratum) FROM keyed))
+ORDER BY rank, lap, key LIMIT %(n)s
+"""
+
+
+@pytest.mark.parametrize("stratify_by", ["collection", "year", "quarter", "cell"])
+@pytest.mark.parametrize("n, seed, max_cloud, months, start", [
+    (7, 9, None, None, None),
+    (100, 1, 0.3, None, None),
+    (1000, 2, None, [2, 3, 11], None),
+    (5000, 3, 0.5, None, "2020-05-01Z"),
+    (61, -4, 0.2, [1, 7], "2019-01-01Z"),
+])
+def test_stratified_sample_equals_its_definition(
+    many_url: str, stratify_by: str, n: int, seed: int, max_cloud: float | None,
+    months: list[int] | None, start: str | None,
+) -> None:
+    # Same chips in the same order as the reference, whichever plan each stratum gets.
+    chip_filter = ChipFilter(
+        max_cloud=max_cloud, months=tuple(months or ()),
+        start=parse_start(start.rstrip("Z")) if start else None)
+    with psycopg.connect(many_url) as conn:
+        expected = [r[0] for r in conn.execute(_REFERENCE_STRATIFIED, {
+            "by": stratify_by, "n": n, "seed": seed, "max_cloud": max_cloud,
+            "months": months, "start": start}).fetchall()]
+        # Also with the walks forced (as on a large table) and with bitmap scans only.
+        forced = []
+        for setting in ("enable_seqscan", "enable_indexscan"):
+            conn.execute(f"SET {setting} = off")
+            forced.append(fetch_chips(conn, build_selection(
+                chip_filter, Sampling(n, seed=seed, stratify_by=stratify_by)
+            )).column("chip_id").to_pylist())
+            conn.execute(f"RESET {setting}")
+    got = select_ids(many_url, chip_filter, Sampling(n, seed=seed, stratify_by=stratify_by))
+    assert expected and got == expected
+    assert forced == [expected, expected]
+
+
+def test_stratified_sample_of_nothing(many_url: str) -> None:
+    for by in ("collection", "year", "quarter", "cell"):
+        assert select_ids(many_url, ChipFilter(collections=("nothing",)),
+                          Sampling(10, seed=1, stratify_by=by)) == []
+        assert select_ids(many_url, ChipFilter(), Sampling(0, seed=1, stratify_by=by)) == []
