@@ -265,10 +265,11 @@ $$;
 -- collections or a skip scan of the primary key; the quarters between the first and last chip
 -- within the time filter, less those the months/quarters filters exclude), keeps those with a
 -- matching chip (one EXISTS each), then takes each stratum's first k with a LIMIT k query whose
--- plan PostgreSQL chooses: an ordered walk of the (quarter, key) or (collection, key) index
+-- plan PostgreSQL chooses: an ordered walk of the (year|quarter|collection, key) index
 -- (alembic 0005) that stops after k matches, or a bitmap scan of the few chips matching a narrow
--- filter. A year is the merge of its four quarters' walks. Cost grows with k / (share of the
--- stratum passing the filters), not with the matching set. 'cell' strata cannot be listed
+-- filter (bitmap scans are switched off for the call when the planner expects >= 4n matching
+-- chips: PostGIS' function costs make it overrate them). Cost then grows with k / (share of
+-- the stratum passing the filters), not with the matching set. 'cell' strata cannot be listed
 -- without reading the chips, so they rank every matching chip (a sort of the filtered set:
 -- filter first).
 DROP FUNCTION IF EXISTS stacchip.sample_chips_stratified(
