@@ -273,8 +273,9 @@ def execute_selection(conn: psycopg.Connection, selection: SelectionQuery) -> ps
     fold away only with the values known). Filters and unstratified samples run without
     parallel workers: they read a few thousand index-chosen rows, and starting workers cost
     more than the whole scan (bbox + date + cloud at 10 M chips: ~5 ms alone, 20-90 ms with
-    workers on a busy 2-core machine). Stratified samples rank every matching chip and keep
-    them. The setting is `SET LOCAL`: it lasts until the caller's transaction ends.
+    workers on a busy 2-core machine). Stratified samples keep parallel workers: by cell they
+    rank every matching chip. The setting is `SET LOCAL`: it lasts until the caller's
+    transaction ends.
     """
     stratified = selection.params.get("stratify_by") is not None
     with conn.transaction():
