@@ -307,3 +307,97 @@ def test_concurrent_cli_processes(database_url: str, fixtures_dir: Path, tmp_pat
         ).fetchone()
         assert conn.execute("SELECT count(*) FROM pgstac.items").fetchone()[0] == 24
     assert (rows, keys, items) == (expected, expected, 24)
+
+
+# -- bulk load ----------------------------------------------------------------------------------
+
+
+def test_empty_table_is_bulk_loaded_then_batched(
+    database_url: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    lines = _naip_lines(fixtures_dir, 12)
+    first, second = tmp_path / "first.ndjson", tmp_path / "second.ndjson"
+    first.write_text("\n".join(lines[:8]) + "\n")
+    second.write_text("\n".join(lines[6:]) + "\n")
+    args = ["index", "--quality", "none", "--chip-size", "1024", "--json"]
+    bulk = run_cli([*args, str(first)], database_url=database_url)
+    assert bulk.exit_code == 0, bulk.output
+    assert "stacchip.chips is empty: bulk load" in bulk.stderr
+    summary = json.loads(bulk.stdout)
+    assert summary["bulk"] is True and summary["items"] == 8
+    assert summary["chips"] == _expected_chips(lines[:8], 1024) == _chip_count(database_url)
+    assert {"index", "upsert", "copy", "rebuild"} <= set(summary["timings"])
+    batched = run_cli([*args, str(second)], database_url=database_url)  # not empty any more
+    assert batched.exit_code == 0, batched.output
+    assert "bulk load" not in batched.stderr and json.loads(batched.stdout)["bulk"] is False
+    assert _chip_count(database_url) == _expected_chips(lines, 1024)
+
+
+def test_no_bulk_into_an_empty_table(database_url: str, fixtures_dir: Path, tmp_path: Path) -> None:
+    lines = _naip_lines(fixtures_dir, 3)
+    path = tmp_path / "items.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+    result = run_cli(
+        ["index", "--quality", "none", "--chip-size", "1024", "--no-bulk", "--json", str(path)],
+        database_url=database_url,
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["bulk"] is False and "bulk load" not in result.stderr
+    assert _chip_count(database_url) == _expected_chips(lines, 1024)
+
+
+def test_bulk_over_existing_rows_with_duplicates_and_a_bad_item(
+    database_url: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    lines = _naip_lines(fixtures_dir, 5)
+    path = tmp_path / "items.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+    common = ["index", "--quality", "none", "--chip-size", "1024"]
+    assert run_cli([*common, "--no-bulk", str(path)], database_url=database_url).exit_code == 0
+    # Again in bulk: the same items (one twice, the later copy with another date), one bad.
+    later = json.loads(lines[1])
+    later["properties"]["datetime"] = "2030-01-01T00:00:00Z"
+    bad = json.loads(lines[4])
+    bad["id"] = "no-crs"
+    for key in ("proj:epsg", "proj:code", "proj:wkt2", "proj:projjson"):
+        bad["properties"].pop(key, None)
+    again = tmp_path / "again.ndjson"
+    again.write_text("\n".join([*lines, json.dumps(later), json.dumps(bad)]) + "\n")
+    result = run_cli([*common, "--bulk", "--json", str(again)], database_url=database_url)
+    assert "no-crs" in error_line(result) and "no CRS" in error_line(result)
+    summary = json.loads(result.stdout)
+    assert (summary["bulk"], summary["items"], summary["duplicates"], summary["failed"]) == (
+        True, 5, 1, 1
+    )
+    assert summary["chips"] == _expected_chips(lines, 1024) == _chip_count(database_url)
+    with connect(database_url) as conn:
+        dates = conn.execute(
+            "SELECT DISTINCT datetime::date::text FROM stacchip.chips WHERE item_id = %s",
+            (later["id"],),
+        ).fetchall()
+        items = conn.execute("SELECT count(*) FROM pgstac.items").fetchone()[0]
+    assert dates == [("2030-01-01",)] and items == 5  # the last copy won; no-crs not stored
+
+
+def test_index_help_documents_the_bulk_lock() -> None:
+    result = run_cli(["index", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "--bulk / --no-bulk" in text and "ACCESS EXCLUSIVE" in text
+    assert "all or nothing" in text.lower() and "empty" in text
+
+
+def test_index_command_does_not_import_the_heavy_modules(tmp_path: Path) -> None:
+    """`stacchip-db index` (and the root group) import no geopandas, matplotlib, torch."""
+    code = (
+        "import sys\n"
+        "from stacchip_db.cli import main\n"
+        "main.get_command(None, 'index')\n"
+        "import stacchip_db.cli.index, stacchip_db.db.store, stacchip_db.index\n"
+        "heavy = ['geopandas', 'pandas', 'matplotlib', 'torch', 'stacchip_db.processors']\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

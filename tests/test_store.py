@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,13 @@ from stacchip_db.db.store import (
     ItemExists,
     ItemWriter,
     OnConflict,
+    bulk_copy_data,
+    bulk_load,
     chips_copy_data,
+    chips_table_is_empty,
     store_item,
     store_items,
+    table_definitions,
 )
 from stacchip_db.errors import DatabaseError
 from stacchip_db.index import index_item, item_datetime
@@ -356,3 +362,280 @@ def test_concurrent_writers_neither_deadlock_nor_lose_rows(
     assert len(clouds[0]) == 1 and clouds[0][0] in (0.25, 0.75)  # one writer's rows, whole
     assert clouds[1] == per_item[shared_id]
     assert collections == 1
+
+
+# -- bulk load --------------------------------------------------------------------------------
+
+_ALL_ROWS = (
+    "SELECT collection, item_id, chip_size, chip_index_x, chip_index_y, datetime, cloud_fraction, "
+    "nodata_fraction, ST_AsEWKB(geometry), "
+    "stacchip.chip_sample_key(collection, item_id, chip_size, chip_index_x, chip_index_y) "
+    "FROM stacchip.chips ORDER BY collection, item_id, chip_size, chip_index_x, chip_index_y"
+)
+_PGSTAC_ITEMS = (
+    "SELECT id, collection, datetime, end_datetime, ST_AsEWKB(geometry), content "
+    "FROM pgstac.items ORDER BY collection, id"
+)
+_DEFINITIONS = """
+SELECT 'index', indexname, indexdef FROM pg_indexes
+ WHERE schemaname = 'stacchip' AND tablename = 'chips'
+UNION ALL
+SELECT 'constraint', conname, contype::text || ' ' || pg_get_constraintdef(oid) || ' validated='
+       || convalidated::text || ' deferrable=' || condeferrable::text FROM pg_constraint
+ WHERE conrelid = 'stacchip.chips'::regclass
+UNION ALL
+SELECT 'index flags', c.relname, concat_ws(' ', x.indisclustered, x.indisunique, x.indisprimary,
+       x.indisvalid, coalesce(obj_description(c.oid, 'pg_class'), '-'))
+  FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid
+ WHERE x.indrelid = 'stacchip.chips'::regclass
+ORDER BY 1, 2
+"""
+
+
+def _snapshot(url: str, query: str) -> list[tuple]:
+    with connect(url) as conn:
+        return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+                for row in conn.execute(query).fetchall()]
+
+
+def _naip_pairs(fixtures_dir: Path, n: int, chip_size: int = 1024) -> list[tuple[dict, pa.Table]]:
+    items = [json.loads(line) for line in (fixtures_dir / NAIP_200).read_text().splitlines()[:n]]
+    return [(i, index_item(i, quality="none", chip_size=chip_size)) for i in items]
+
+
+def test_bulk_load_writes_exactly_what_the_normal_path_writes(
+    pg_server: Any, template_database: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    pairs = _naip_pairs(fixtures_dir, 8, chip_size=256)
+    for name in ("s2", "landsat"):  # synthetic quality bands: clouds, nodata, dropped chips
+        item, _ = _scene(fixtures_dir, tmp_path, name)
+        pairs.append((item, index_item(item, chip_size=256)))
+    urls = []
+    for _ in range(2):
+        name = pg_server.new_name("stacchip_test")
+        urls.append((name, pg_server.create(name, template=template_database)))
+    try:
+        (_, normal), (_, bulk) = urls
+        with connect(normal) as conn:
+            store_items(conn, pairs, chip_size=256)
+        with connect(bulk) as conn:
+            assert chips_table_is_empty(conn)
+            result = bulk_load(conn, pairs, chip_size=256, batch_items=4)
+            assert not chips_table_is_empty(conn)
+        expected = sum(chips.num_rows for _, chips in pairs)
+        assert (result.items, result.chips, result.duplicates) == (len(pairs), expected, 0)
+        assert result.collections_created == sorted({i["collection"] for i, _ in pairs})
+        assert {"upsert", "copy", "rebuild"} <= set(result.timings)
+        rows = _snapshot(bulk, _ALL_ROWS)
+        assert len(rows) == expected
+        assert rows == _snapshot(normal, _ALL_ROWS)
+        assert _snapshot(bulk, _PGSTAC_ITEMS) == _snapshot(normal, _PGSTAC_ITEMS)
+        assert _snapshot(bulk, _DEFINITIONS) == _snapshot(normal, _DEFINITIONS)
+        assert {r[8][:9] for r in rows} == {bytes.fromhex("0103000020e6100000")}  # SRID 4326
+    finally:
+        for name, _ in urls:
+            pg_server.drop(name)
+
+
+def test_bulk_load_recreates_every_index_and_constraint_exactly(
+    database_url: str, fixtures_dir: Path
+) -> None:
+    pairs = _naip_pairs(fixtures_dir, 6)
+    with connect(database_url) as conn:
+        store_items(conn, pairs[:3], chip_size=1024)
+        # What later migrations might add: a partial unique index, a unique constraint, an
+        # exclusion constraint, comments, CLUSTER ON.
+        conn.execute("CREATE UNIQUE INDEX chips_cloudy_idx ON stacchip.chips (item_id, "
+                     "chip_index_x, chip_index_y, chip_size) WHERE cloud_fraction > 0.5")
+        conn.execute("ALTER TABLE stacchip.chips ADD CONSTRAINT chips_key_unique UNIQUE "
+                     "(item_id, collection, chip_size, chip_index_y, chip_index_x)")
+        conn.execute("ALTER TABLE stacchip.chips ADD CONSTRAINT chips_no_overlap_exclusion "
+                     "EXCLUDE USING gist (item_id WITH =, chip_size WITH =, chip_index_x WITH =, "
+                     "chip_index_y WITH =, collection WITH =) DEFERRABLE INITIALLY DEFERRED")
+        conn.execute("COMMENT ON INDEX stacchip.chips_datetime_idx IS 'by date'")
+        conn.execute("COMMENT ON CONSTRAINT chips_pkey ON stacchip.chips IS 'the key'")
+        conn.execute("ALTER TABLE stacchip.chips CLUSTER ON chips_geometry_idx")
+        conn.commit()
+        definitions = table_definitions(conn)
+        conn.rollback()
+    names = {name for name, _ in definitions.indexes} | {n for n, _ in definitions.constraints}
+    assert {"chips_pkey", "chips_geometry_idx", "chips_sample_key_idx", "chips_cloudy_idx",
+            "chips_key_unique", "chips_no_overlap_exclusion"} <= names
+    before = _snapshot(database_url, _DEFINITIONS)
+    assert any("by date" in str(row) for row in before)
+    with connect(database_url) as conn:
+        result = bulk_load(conn, pairs[2:], chip_size=1024)
+    assert result.items == 4
+    assert _snapshot(database_url, _DEFINITIONS) == before
+    with connect(database_url) as conn:
+        comment = conn.execute(
+            "SELECT obj_description(oid, 'pg_constraint') FROM pg_constraint "
+            "WHERE conname = 'chips_pkey'"
+        ).fetchone()[0]
+    assert comment == "the key"
+    expected = sum(chips.num_rows for _, chips in pairs)
+    assert _counts(database_url) == (expected, expected, 6)
+
+
+def test_bulk_load_over_existing_rows_replaces_them_last_duplicate_wins(
+    database_url: str, fixtures_dir: Path
+) -> None:
+    pairs = _naip_pairs(fixtures_dir, 8)
+    with connect(database_url) as conn:
+        store_items(conn, pairs, chip_size=1024)
+        at_512 = [(i, index_item(i, quality="none", chip_size=512)) for i, _ in pairs[:2]]
+        store_items(conn, at_512, chip_size=512)  # another chip size: kept
+    before = _snapshot(database_url, _ALL_ROWS)
+    (first, first_chips), (second, second_chips) = pairs[:2]
+    fewer = first_chips.slice(0, 5)  # re-indexed with fewer chips: stale rows must go
+    cloudy = second_chips.set_column(
+        2, "cloud_fraction", pa.array(np.full(second_chips.num_rows, 0.5, np.float32))
+    )
+    with connect(database_url) as conn:
+        result = bulk_load(
+            conn, [(second, second_chips), (first, fewer), (second, cloudy)], chip_size=1024
+        )
+    assert (result.items, result.chips, result.duplicates) == (2, 5 + cloudy.num_rows, 1)
+    after = _snapshot(database_url, _ALL_ROWS)
+    changed = {first["id"], second["id"]}
+    untouched = [r for r in before if r[1] not in changed or r[2] == 512]
+    assert [r for r in after if r[1] not in changed or r[2] == 512] == untouched
+    first_rows = [r for r in after if r[1] == first["id"] and r[2] == 1024]
+    assert [(r[3], r[4]) for r in first_rows] == sorted(
+        zip(fewer["chip_index_x"].to_pylist(), fewer["chip_index_y"].to_pylist(), strict=True)
+    )
+    second_rows = [r for r in after if r[1] == second["id"] and r[2] == 1024]
+    assert len(second_rows) == cloudy.num_rows and {r[6] for r in second_rows} == {0.5}
+    total = sum(c.num_rows for _, c in pairs[2:]) + 5 + cloudy.num_rows
+    total += sum(chips.num_rows for _, chips in at_512)
+    assert _counts(database_url) == (total, total, 8)
+
+
+def test_bulk_load_is_all_or_nothing(database_url: str, fixtures_dir: Path) -> None:
+    pairs = _naip_pairs(fixtures_dir, 4)
+    with connect(database_url) as conn:
+        store_items(conn, pairs[:1], chip_size=1024)
+    before = _snapshot(database_url, _ALL_ROWS), _snapshot(database_url, _DEFINITIONS)
+    item, chips = pairs[3]
+    bad = chips.set_column(  # cloud fraction 2: the CHECK constraint refuses it during COPY
+        2, "cloud_fraction", pa.array(np.full(chips.num_rows, 2.0, np.float32))
+    )
+    with connect(database_url) as conn, pytest.raises(DatabaseError, match="bulk loading"):
+        bulk_load(conn, [*pairs[:3], (item, bad)], chip_size=1024)
+    assert (_snapshot(database_url, _ALL_ROWS), _snapshot(database_url, _DEFINITIONS)) == before
+    assert _counts(database_url)[2] == 1  # the pgstac upserts were rolled back too
+
+
+def test_bulk_copy_data_with_mixed_lengths_keeps_key_order() -> None:
+    import shapely
+
+    square, triangle = shapely.box(0, 0, 1, 1), shapely.Polygon([(0, 0), (1, 0), (0, 1)])
+    table = pa.table(
+        {
+            "chip_index_x": pa.array([1, 0, 1, 0], pa.int32()),
+            "chip_index_y": pa.array([0, 0, 1, 1], pa.int32()),
+            "cloud_fraction": pa.array([0.0, 0.5, 1.0, 0.25], pa.float32()),
+            "nodata_fraction": pa.array([0.0, 0.0, 0.25, 0.5], pa.float32()),
+            "geometry": pa.array(shapely.to_wkb([square, triangle, square, square]).tolist()),
+        }
+    )
+    from stacchip_db.db.store import _prepare
+
+    def item(item_id: str) -> dict:
+        return {"type": "Feature", "id": item_id, "collection": "c", "bbox": [0, 0, 1, 1],
+                "geometry": shapely.geometry.mapping(square),
+                "properties": {"datetime": "2020-01-01T00:00:00Z"}}
+
+    prepared = [_prepare(item(i), table) for i in ("bb", "a", "ccc")]
+    data, rows = bulk_copy_data(prepared, 8)
+    assert rows == 12
+    # Decode: per row, 9 fields: collection, item id, chip size, x, y, datetime, 2 fractions, WKB.
+    view, at, decoded = memoryview(data), 19, []
+    for _ in range(rows):
+        assert int.from_bytes(view[at : at + 2], "big") == 9
+        at, fields = at + 2, []
+        for _ in range(9):
+            size = int.from_bytes(view[at : at + 4], "big")
+            fields.append(bytes(view[at + 4 : at + 4 + size]))
+            at += 4 + size
+        decoded.append(fields)
+    assert bytes(view[at:]) == b"\xff\xff"
+    keys = [(f[1].decode(), int.from_bytes(f[3], "big"), int.from_bytes(f[4], "big"))
+            for f in decoded]
+    assert keys == sorted(keys)  # primary-key order (presorted for the key's index build)
+    wkb = {(x, y): g for x, y, g in zip(table["chip_index_x"].to_pylist(),
+                                        table["chip_index_y"].to_pylist(),
+                                        table["geometry"].to_pylist(), strict=True)}
+    assert all(f[8] == wkb[(k[1], k[2])] for f, k in zip(decoded, keys, strict=True))
+
+
+@pytest.mark.timeout(120)
+def test_a_normal_writer_waits_for_the_bulk_load_then_succeeds(
+    database_url: str, fixtures_dir: Path
+) -> None:
+    pairs = _naip_pairs(fixtures_dir, 6)
+    with connect(database_url, autocommit=True) as conn:
+        # Slow the bulk load's COPY down (a statement trigger that sleeps on request only),
+        # so the writer surely arrives while the table is locked.
+        conn.execute(
+            "CREATE FUNCTION public.test_sleep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "PERFORM pg_sleep(coalesce(nullif(current_setting('test.sleep', true), ''), '0')"
+            "::float); RETURN NULL; END $$"
+        )
+        conn.execute("CREATE TRIGGER test_sleep BEFORE INSERT ON stacchip.chips "
+                     "FOR EACH STATEMENT EXECUTE FUNCTION public.test_sleep()")
+    outcome: dict[str, Any] = {}
+
+    def run(name: str, work: Any) -> None:
+        try:
+            outcome[name] = work()
+        except BaseException as e:  # reported by the assertions below
+            outcome[name] = e
+        outcome[name + " done"] = time.monotonic()
+
+    bulk_conn = connect(database_url)
+    bulk_conn.execute("SET test.sleep = '2'")
+    bulk_conn.commit()
+    bulk_pid = bulk_conn.info.backend_pid
+    bulk = threading.Thread(
+        target=run, args=("bulk", lambda: bulk_load(bulk_conn, pairs[:5], chip_size=1024))
+    )
+    bulk.start()
+    with connect(database_url, autocommit=True) as watcher:
+        def locks(pid: int, granted: bool) -> bool:
+            return watcher.execute(
+                "SELECT count(*) FROM pg_locks WHERE pid = %s AND granted = %s AND "
+                "relation = 'stacchip.chips'::regclass AND mode = 'AccessExclusiveLock'",
+                (pid, granted),
+            ).fetchone()[0] > 0
+
+        def waits(pid: int) -> bool:
+            return watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = "
+                "'Lock'", (pid,)
+            ).fetchone()[0] > 0
+
+        deadline = time.monotonic() + 60
+        while not locks(bulk_pid, True):
+            assert time.monotonic() < deadline and bulk.is_alive(), outcome
+            time.sleep(0.02)
+        writer_conn = connect(database_url)
+        writer_pid = writer_conn.info.backend_pid
+        item, chips = pairs[5]
+        writer = threading.Thread(
+            target=run, args=("writer", lambda: store_item(writer_conn, item, chips,
+                                                          chip_size=1024))
+        )
+        writer.start()
+        while not waits(writer_pid):  # queued behind the bulk load's locks
+            assert time.monotonic() < deadline and writer.is_alive(), outcome
+            time.sleep(0.02)
+        assert bulk.is_alive()
+    bulk.join(60)
+    writer.join(60)
+    bulk_conn.close()
+    writer_conn.close()
+    assert outcome["bulk"].items == 5 and outcome["writer"].items == 1, outcome
+    assert outcome["bulk done"] <= outcome["writer done"]
+    expected = sum(chips.num_rows for _, chips in pairs)
+    assert _counts(database_url) == (expected, expected, 6)

@@ -1,11 +1,14 @@
 """The `stacchip-db` command: a root group, its global options, and the one error boundary.
 
 Known errors (`StacchipError`) print one line on stderr and exit 1; `-v` adds the traceback.
-Usage errors are click's and exit 2. Each command group lives in its own module.
+Usage errors are click's and exit 2. Each command group lives in its own module, imported only
+when its command runs (or `--help` lists them all): `stacchip-db index` does not pay for
+geopandas (ingest), matplotlib (pictures) or torch-side readers (prechip).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import traceback
@@ -14,15 +17,46 @@ from typing import Any
 import click
 
 from stacchip_db import __version__
-from stacchip_db.cli.options import CliContext
 from stacchip_db.config import DATABASE_URL_ENV, MaskPasswordsFilter, Settings, mask_url
 from stacchip_db.errors import StacchipError
 
+LAZY_COMMANDS = {
+    "db": "stacchip_db.cli.db:db",
+    "chips": "stacchip_db.cli.chips:chips",
+    "sample": "stacchip_db.cli.chips:sample",
+    "index": "stacchip_db.cli.index:index",
+    "export-index": "stacchip_db.cli.index:export_index",
+    "prechip": "stacchip_db.cli.prechip:prechip",
+    "stats": "stacchip_db.cli.stats:stats",
+    "preview": "stacchip_db.cli.pictures:preview",
+    "map": "stacchip_db.cli.pictures:map_",
+    "ingest": "stacchip_db.cli.ingest:ingest",
+}
+"""The root group's commands: name -> `module:attribute`, imported on first use."""
+
 
 class CliGroup(click.Group):
-    """Root group whose `invoke` is the error boundary for every subcommand."""
+    """Root group whose `invoke` is the error boundary for every subcommand.
+
+    Commands in `lazy_commands` (name -> `module:attribute`) are imported when first looked up.
+    """
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            module, _, attribute = self.lazy_commands[cmd_name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
+        from stacchip_db.cli.options import CliContext
+
         try:
             return super().invoke(ctx)
         except StacchipError as exc:
@@ -44,7 +78,11 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     logger.propagate = False
 
 
-@click.group(cls=CliGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=CliGroup,
+    lazy_commands=LAZY_COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--database-url",
     envvar=DATABASE_URL_ENV,
@@ -60,36 +98,7 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 @click.pass_context
 def main(ctx: click.Context, database_url: str | None, verbose: int, quiet: bool) -> None:
     """Index satellite and aerial imagery as training chips in PostGIS + pgstac."""
+    from stacchip_db.cli.options import CliContext
+
     _configure_logging(verbose, quiet)
     ctx.obj = CliContext(Settings.from_env(database_url=database_url), verbose, quiet)
-
-
-def _register() -> None:
-    # Imported here so each command module can import `main`'s helpers without cycles.
-    from stacchip_db.cli import db
-
-    main.add_command(db.db)
-
-    from stacchip_db.cli import chips
-
-    main.add_command(chips.chips)
-    main.add_command(chips.sample)
-
-    from stacchip_db.cli import index
-
-    main.add_command(index.index)
-    main.add_command(index.export_index)
-
-    from stacchip_db.cli import pictures, prechip, stats
-
-    main.add_command(prechip.prechip)
-    main.add_command(stats.stats)
-    main.add_command(pictures.preview)
-    main.add_command(pictures.map_)
-
-    from stacchip_db.cli import ingest
-
-    main.add_command(ingest.ingest)
-
-
-_register()

@@ -3,8 +3,10 @@
 `index` reads STAC items (JSON files, ndjson files, http(s)/s3 URLs), computes each item's
 chips with `index.index_item` and stores items and chips with `db.store.ItemWriter`, which
 batches many items per transaction and writes on a background thread while the next items are
-indexed. A bad item is reported (one line, with its id) and skipped; the exit code is 1 when
-any item failed. Heavy modules (numpy, rasterio, pyproj, the store) are imported inside the
+indexed. With `--bulk` (automatic when stacchip.chips is empty) every item is indexed first and
+then loaded by `db.store.bulk_load` in one transaction that rebuilds the table's indexes once.
+A bad item is reported (one line, with its id) and skipped; the exit code is 1 when any item
+failed. Heavy modules (numpy, rasterio, pyproj, the store) are imported inside the
 commands so that `stacchip-db --help` and the other commands start fast.
 """
 
@@ -48,9 +50,12 @@ class Summary:
     chips: int = 0
     dropped_nodata: int = 0
     skipped: int = 0
+    duplicates: int = 0
+    bulk: bool = False
     collections_created: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -61,8 +66,11 @@ class Summary:
             "failed": len(self.failed),
             "errors": self.failed,
             "collections_created": self.collections_created,
+            "duplicates": self.duplicates,
+            "bulk": self.bulk,
             "seconds": round(self.seconds, 3),
             "chips_per_second": round(self.chips / self.seconds) if self.seconds else None,
+            "timings": {step: round(seconds, 3) for step, seconds in self.timings.items()},
         }
 
     def line(self) -> str:
@@ -73,6 +81,8 @@ class Summary:
         ]
         if self.skipped:
             parts.append(f"{self.skipped} items already stored")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} duplicate items (the last of each stored)")
         if self.failed:
             parts.append(f"{len(self.failed)} items failed")
         return ", ".join(parts) + f" in {self.seconds:.2f} s{rate}"
@@ -219,6 +229,14 @@ def _one_line(message: str, item_id: str) -> str:
     help="Database connections writing batches at once (the database's inserts are the "
     "bottleneck of large runs).",
 )
+@click.option(
+    "--bulk/--no-bulk", default=None,
+    help="Bulk load: index every item first, then load all chips in ONE transaction that "
+    "drops and rebuilds stacchip.chips' indexes (much faster for large loads). The table is "
+    "locked exclusively (ACCESS EXCLUSIVE) for that transaction: other readers and writers of "
+    "stacchip.chips wait until it commits. All or nothing. Default: bulk when stacchip.chips "
+    "is empty at the start, else batched transactions (--no-bulk forces those).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @with_database
 @pass_cli
@@ -234,6 +252,7 @@ def index(
     strict: bool,
     on_conflict: str,
     writers: int,
+    bulk: bool | None,
     as_json: bool,
     db: Database,
 ) -> None:
@@ -241,57 +260,41 @@ def index(
 
     Each item is upserted into pgstac and its chip rows replaced, many items per transaction.
     Bad items are reported with their id and skipped; the exit code is then 1.
+
+    Into an empty stacchip.chips (or with --bulk) all items are indexed first, then loaded in
+    one transaction that locks stacchip.chips exclusively and rebuilds its indexes once: bad
+    items are still reported and skipped, but the load itself is all or nothing.
     """
-    from stacchip_db.db.store import ItemWriter, check_item
-    from stacchip_db.grid import item_georeference
-    from stacchip_db.index import index_item
+    from stacchip_db.db.store import chips_table_is_empty
 
     started = time.perf_counter()
     summary = Summary()
     errors: list[tuple[str, str]] = []  # (item id or place, message)
     with contextlib.ExitStack() as stack:
         conn = stack.enter_context(db.connect())
-        extra = [stack.enter_context(db.connect()) for _ in range(writers - 1)]
-        writer = stack.enter_context(
-            ItemWriter(
-                conn, chip_size=chip_size, strict=strict, on_conflict=on_conflict,
-                background=True, extra_connections=extra,
-            )
-        )
-        bar = stack.enter_context(
-            click.progressbar(
-                length=_count_items(sources),
-                label="indexing items",
-                file=sys.stderr,
-                hidden=cli.quiet or as_json,
-            )
-        )
-        for source in read_sources(sources):
-            bar.update(1)
-            if source.item is None:
-                errors.append((source.where, source.error or source.where))
-                continue
-            item = source.item
-            if collection and not item.get("collection"):
-                item["collection"] = collection
-            try:
-                check_item(item)  # id, collection, datetime: named errors early
-                chips = index_item(
-                    item, quality=quality, chip_size=chip_size, max_nodata=max_nodata
+        if bulk is None:
+            bulk = chips_table_is_empty(conn)
+            if bulk and not cli.quiet:
+                click.echo(
+                    "stacchip.chips is empty: bulk load (indexes rebuilt once; the table is "
+                    "locked until the load commits; --no-bulk to avoid)",
+                    err=True,
                 )
-                (height, width), _, _ = item_georeference(item)
-            except StacchipError as e:  # a bad item is reported and skipped
-                name = str(item.get("id") or source.where)
-                errors.append((name, _one_line(str(e), name)))
-                continue
-            if writer.add(item, chips):
-                grid_size = (height // chip_size) * (width // chip_size)
-                summary.dropped_nodata += grid_size - chips.num_rows
-    errors += [(f.item_id, _one_line(f.message, f.item_id)) for f in writer.failures]
-    summary.items = writer.result.items
-    summary.chips = writer.result.chips
-    summary.skipped = len(writer.result.skipped)
-    summary.collections_created = writer.result.collections_created
+        summary.bulk = bulk
+        progress = click.progressbar(
+            length=_count_items(sources),
+            label="indexing items",
+            file=sys.stderr,
+            hidden=cli.quiet or as_json,
+        )
+        options = {"quality": quality, "chip_size": chip_size, "max_nodata": max_nodata}
+        if bulk:
+            _bulk(conn, sources, collection, options, strict, on_conflict, progress, summary,
+                  errors)
+        else:
+            extra = [stack.enter_context(db.connect()) for _ in range(writers - 1)]
+            _batched(conn, extra, sources, collection, options, strict, on_conflict, progress,
+                     summary, errors)
     summary.failed = [{"item": where, "error": message} for where, message in errors]
     summary.seconds = time.perf_counter() - started
     for _, message in errors:
@@ -302,6 +305,111 @@ def index(
         click.echo(summary.line())
     if errors:
         ctx.exit(1)
+
+
+def _indexed(
+    sources: tuple[str, ...],
+    collection: str | None,
+    options: dict[str, Any],
+    bar: Any,
+    errors: list[tuple[str, str]],
+) -> Iterator[tuple[dict[str, Any], Any, int]]:
+    """`(item, chips, chips dropped for nodata)` of each item that indexes; errors appended."""
+    from stacchip_db.db.store import check_item
+    from stacchip_db.grid import item_georeference
+    from stacchip_db.index import index_item
+
+    chip_size = options["chip_size"]
+    for source in read_sources(sources):
+        bar.update(1)
+        if source.item is None:
+            errors.append((source.where, source.error or source.where))
+            continue
+        item = source.item
+        if collection and not item.get("collection"):
+            item["collection"] = collection
+        try:
+            check_item(item)  # id, collection, datetime: named errors early
+            chips = index_item(item, **options)
+            (height, width), _, _ = item_georeference(item)
+        except StacchipError as e:  # a bad item is reported and skipped
+            name = str(item.get("id") or source.where)
+            errors.append((name, _one_line(str(e), name)))
+            continue
+        grid_size = (height // chip_size) * (width // chip_size)
+        yield item, chips, grid_size - chips.num_rows
+
+
+def _batched(
+    conn: Any,
+    extra: list[Any],
+    sources: tuple[str, ...],
+    collection: str | None,
+    options: dict[str, Any],
+    strict: bool,
+    on_conflict: str,
+    progress: Any,
+    summary: Summary,
+    errors: list[tuple[str, str]],
+) -> None:
+    """The normal path: batches of items stored by `ItemWriter` while the next are indexed."""
+    from stacchip_db.db.store import ItemWriter
+
+    with (
+        ItemWriter(
+            conn, chip_size=options["chip_size"], strict=strict, on_conflict=on_conflict,
+            background=True, extra_connections=extra,
+        ) as writer,
+        progress as bar,
+    ):
+        for item, chips, dropped in _indexed(sources, collection, options, bar, errors):
+            if writer.add(item, chips):
+                summary.dropped_nodata += dropped
+    errors += [(f.item_id, _one_line(f.message, f.item_id)) for f in writer.failures]
+    summary.items = writer.result.items
+    summary.chips = writer.result.chips
+    summary.skipped = len(writer.result.skipped)
+    summary.collections_created = writer.result.collections_created
+
+
+def _bulk(
+    conn: Any,
+    sources: tuple[str, ...],
+    collection: str | None,
+    options: dict[str, Any],
+    strict: bool,
+    on_conflict: str,
+    progress: Any,
+    summary: Summary,
+    errors: list[tuple[str, str]],
+) -> None:
+    """The bulk path: index every item, then one `bulk_load` (all or nothing)."""
+    from stacchip_db.db.store import bulk_load, check_item
+
+    clock = time.perf_counter()
+    pairs: list[tuple[dict[str, Any], Any]] = []
+    dropped: dict[tuple[str, str], int] = {}  # per item: a duplicate counts once (the last)
+    with progress as bar:
+        for item, chips, n in _indexed(sources, collection, options, bar, errors):
+            pairs.append((item, chips))
+            dropped[check_item(item)[:2]] = n
+    summary.timings["index"] = time.perf_counter() - clock
+    try:
+        result = bulk_load(
+            conn, pairs, chip_size=options["chip_size"], strict=strict, on_conflict=on_conflict
+        )
+    except StacchipError as e:  # the load is one transaction: nothing was stored
+        errors.append(("bulk load", f"bulk load of {len(pairs)} items failed, nothing stored: "
+                       f"{' '.join(str(e).split())}"))
+        return
+    summary.items = result.items
+    summary.chips = result.chips
+    summary.skipped = len(result.skipped)
+    summary.duplicates = result.duplicates
+    summary.collections_created = result.collections_created
+    skipped = set(result.skipped)
+    summary.dropped_nodata = sum(n for (_, item_id), n in dropped.items() if item_id not in skipped)
+    summary.timings.update(result.timings)
 
 
 # -- export-index -----------------------------------------------------------------------------
