@@ -995,8 +995,11 @@ def bulk_load(
             timings["partitions"] = time.perf_counter() - clock
             with conn.transaction():
                 clock = time.perf_counter()
-                conn.execute("SELECT set_config('maintenance_work_mem', %s, true)",
-                             (maintenance_work_mem,))
+                conn.execute(  # raised for this transaction only, never lowered
+                    "SELECT set_config('maintenance_work_mem', %s, true) WHERE pg_size_bytes("
+                    "current_setting('maintenance_work_mem')) < pg_size_bytes(%s)",
+                    (maintenance_work_mem, maintenance_work_mem),
+                )
                 keys = sorted({item_lock_key(p.collection, p.item_id) for p in prepared})
                 conn.execute(
                     "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) "
