@@ -975,8 +975,8 @@ def bulk_load(
 
     All or nothing: any error rolls everything back (nothing is stored). Items given more than
     once: the last one wins (`result.duplicates`). Bad items raise `ItemError` before the
-    database is touched, as `store_items`. All chips are held in memory (about 130 bytes a
-    chip) until the COPY. `result.timings` has the seconds of each step.
+    database is touched, as `store_items`. All chips are held in memory (about 300 bytes a
+    chip: tables and COPY data) until the COPY. `result.timings` has the seconds of each step.
     """
     on_conflict = OnConflict(on_conflict)
     prepared, duplicates = _dedupe([_prepare(item, chips) for item, chips in pairs])
