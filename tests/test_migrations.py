@@ -72,11 +72,12 @@ def test_chips_table_enforces_contract(database_url: str) -> None:
             conn.execute(insert, (0.2, 0.1))
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute(insert.replace("0, 0, now()", "1, 0, now()"), (1.5, 0.0))
+        # The contract's spatial index: a GiST index led by the footprint.
         index = conn.execute(
-            "SELECT indexdef FROM pg_indexes WHERE indexname = 'chips_geometry_idx'"
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'chips_geometry_datetime_idx'"
         ).fetchone()[0]
         chip_id = conn.execute("SELECT stacchip.chip_id('item', 3, 4)").fetchone()[0]
-    assert "USING gist" in index
+    assert "USING gist (geometry, datetime)" in index
     assert chip_id == "item-3-4"
 
 

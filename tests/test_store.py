@@ -454,12 +454,12 @@ def test_bulk_load_recreates_every_index_and_constraint_exactly(
                      "chip_index_y WITH =, collection WITH =) DEFERRABLE INITIALLY DEFERRED")
         conn.execute("COMMENT ON INDEX stacchip.chips_datetime_idx IS 'by date'")
         conn.execute("COMMENT ON CONSTRAINT chips_pkey ON stacchip.chips IS 'the key'")
-        conn.execute("ALTER TABLE stacchip.chips CLUSTER ON chips_geometry_idx")
+        conn.execute("ALTER TABLE stacchip.chips CLUSTER ON chips_geometry_datetime_idx")
         conn.commit()
         definitions = table_definitions(conn)
         conn.rollback()
     names = {name for name, _ in definitions.indexes} | {n for n, _ in definitions.constraints}
-    assert {"chips_pkey", "chips_geometry_idx", "chips_sample_key_idx", "chips_cloudy_idx",
+    assert {"chips_pkey", "chips_geometry_datetime_idx", "chips_sample_key_idx", "chips_cloudy_idx",
             "chips_key_unique", "chips_no_overlap_exclusion"} <= names
     before = _snapshot(database_url, _DEFINITIONS)
     assert any("by date" in str(row) for row in before)
