@@ -54,6 +54,15 @@ def test_init_empty_database_twice_is_idempotent(empty_database_url: str) -> Non
     assert _snapshot(empty_database_url) == first
 
 
+def test_alembic_head_constant_matches_the_revision_scripts() -> None:
+    from alembic.script import ScriptDirectory
+
+    from stacchip_db.db.migrate import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config())
+    assert script.get_heads() == [alembic_head()], "bump ALEMBIC_HEAD in db/migrate.py"
+
+
 def test_pgstac_search_works_after_init(database_url: str) -> None:
     with psycopg.connect(database_url) as conn:
         result = conn.execute("SELECT pgstac.search('{}')").fetchone()[0]
