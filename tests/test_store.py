@@ -146,6 +146,44 @@ def test_restoring_is_idempotent_and_replaces_stale_rows(
     assert sizes[CHIP_SIZE] == strict_chips.num_rows and sizes[128] > 0
 
 
+def _row_versions(url: str, item_id: str) -> dict[tuple[int, int], tuple[str, float]]:
+    """(x, y) -> (xmin, cloud): xmin changes when a row is written again."""
+    with connect(url) as conn:
+        rows = conn.execute(
+            "SELECT chip_index_x, chip_index_y, xmin::text, cloud_fraction FROM stacchip.chips "
+            "WHERE item_id = %s",
+            (item_id,),
+        ).fetchall()
+    return {(x, y): (xmin, cloud) for x, y, xmin, cloud in rows}
+
+
+def test_restoring_rewrites_only_the_rows_that_changed(
+    database_url: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    item, chips = _scene(fixtures_dir, tmp_path, "s2")
+    with connect(database_url) as conn:
+        store_item(conn, item, chips, chip_size=CHIP_SIZE)
+        first = _row_versions(database_url, item["id"])
+        store_item(conn, item, chips, chip_size=CHIP_SIZE)  # identical: nothing rewritten
+        assert _row_versions(database_url, item["id"]) == first
+        # One chip's cloud changes and the last chip disappears: only those rows move.
+        cloud = chips.column("cloud_fraction").to_numpy(zero_copy_only=False).copy()
+        cloud[0] = 0.75 if cloud[0] != 0.75 else 0.25
+        changed = chips.set_column(
+            chips.schema.get_field_index("cloud_fraction"), "cloud_fraction",
+            pa.array(cloud, pa.float32()),
+        ).slice(0, chips.num_rows - 1)
+        store_item(conn, item, changed, chip_size=CHIP_SIZE)
+    after = _row_versions(database_url, item["id"])
+    keys = list(zip(chips.column("chip_index_x").to_pylist(),
+                    chips.column("chip_index_y").to_pylist(), strict=True))
+    assert set(after) == set(keys[:-1])
+    assert after[keys[0]][1] == pytest.approx(float(cloud[0]))
+    assert after[keys[0]][0] != first[keys[0]][0]
+    assert all(after[k] == first[k] for k in keys[1:-1])
+    assert _counts(database_url) == (len(keys) - 1, len(keys) - 1, 1)
+
+
 def test_pgstac_serves_the_stored_item(
     database_url: str, fixtures_dir: Path, tmp_path: Path
 ) -> None:

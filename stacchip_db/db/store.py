@@ -236,6 +236,9 @@ _PREFIX_FIELDS = [
     ("n4", ">i4"), ("nodata_fraction", ">f4"),
     ("n5", ">i4"),
 ]  # then the geometry's WKB bytes
+_ITEMS = "unnest(%s::text[], %s::text[], %s::timestamptz[]) WITH ORDINALITY"
+"""The items of one write, numbered from 1 (chip rows refer to them by `item_no` = n - 1)."""
+
 _INCOMING = """
 CREATE TEMP TABLE stacchip_chips_in (
     item_no int NOT NULL,
@@ -402,30 +405,49 @@ def _write(
             return result
         collections = [p.collection for p in prepared]
         item_ids = [p.item_id for p in prepared]
-        conn.execute(
-            "DELETE FROM stacchip.chips c USING unnest(%s::text[], %s::text[]) AS i(collection, "
-            "item_id) WHERE c.collection = i.collection AND c.item_id = i.item_id "
-            "AND c.chip_size = %s",
-            (collections, item_ids, chip_size),
-        )
+        items = (collections, item_ids, [p.datetime for p in prepared])
         data, rows = chips_copy_data([p.chips for p in prepared])
         conn.execute(_INCOMING)
         with conn.cursor().copy("COPY stacchip_chips_in FROM STDIN WITH (FORMAT binary)") as copy:
             copy.write(data)
-        inserted = conn.execute(
-            """
+        # Replace the items' rows, but leave a row that is already stored exactly as it comes
+        # (re-runs of a job, re-indexing unchanged scenes): deleting and re-inserting it would
+        # touch every index of stacchip.chips and leave a dead tuple behind, for nothing.
+        conn.execute(
+            f"""
+            DELETE FROM stacchip.chips s
+            USING {_ITEMS} AS i(collection, item_id, datetime, n)
+            WHERE s.collection = i.collection AND s.item_id = i.item_id AND s.chip_size = %s
+              AND NOT EXISTS (
+                SELECT 1 FROM stacchip_chips_in c
+                WHERE c.item_no = i.n - 1 AND c.chip_index_x = s.chip_index_x
+                  AND c.chip_index_y = s.chip_index_y AND s.datetime = i.datetime
+                  AND c.cloud_fraction = s.cloud_fraction
+                  AND c.nodata_fraction = s.nodata_fraction
+                  AND c.geometry = ST_AsBinary(s.geometry, 'NDR'))
+            """,
+            (*items, chip_size),
+        )
+        conn.execute(
+            f"""
             INSERT INTO stacchip.chips (collection, item_id, chip_size, chip_index_x,
                 chip_index_y, datetime, cloud_fraction, nodata_fraction, geometry)
             SELECT i.collection, i.item_id, %s, c.chip_index_x, c.chip_index_y, i.datetime,
                    c.cloud_fraction, c.nodata_fraction, ST_GeomFromWKB(c.geometry, 4326)
             FROM stacchip_chips_in c
-            JOIN unnest(%s::text[], %s::text[], %s::timestamptz[])
-                WITH ORDINALITY AS i(collection, item_id, datetime, n) ON c.item_no = i.n - 1
+            JOIN {_ITEMS} AS i(collection, item_id, datetime, n) ON c.item_no = i.n - 1
+            ON CONFLICT ON CONSTRAINT chips_pkey DO NOTHING
             """,
-            (chip_size, collections, item_ids, [p.datetime for p in prepared]),
-        ).rowcount
-        if inserted != rows:  # the join cannot drop rows unless item_no is wrong: a bug
-            raise DatabaseError(f"stored {inserted} of {rows} chips; nothing was committed")
+            (chip_size, *items),
+        )
+        stored = conn.execute(
+            f"SELECT count(*) FROM stacchip.chips s JOIN {_ITEMS} AS i(collection, item_id, "
+            "datetime, n) ON s.collection = i.collection AND s.item_id = i.item_id "
+            "WHERE s.chip_size = %s",
+            (*items, chip_size),
+        ).fetchone()[0]
+        if stored != rows:  # only a wrong item_no (a bug) or a duplicate chip key gets here
+            raise DatabaseError(f"stored {stored} of {rows} chips; nothing was committed")
         result.items = len(prepared)
         result.chips = rows
     return result
