@@ -264,6 +264,46 @@ def _column(table: pa.Table, name: str, arrow_type: pa.DataType) -> np.ndarray:
     )
 
 
+@dataclass
+class _ChipArrays:
+    """The chips of several index tables as flat numpy arrays (no per-chip Python objects)."""
+
+    total: int
+    offsets: np.ndarray  # int64, total + 1: row i's WKB is data[offsets[i]:offsets[i + 1]]
+    data: np.ndarray  # uint8: all WKB bytes
+    columns: dict[str, np.ndarray]  # chip_index_x/y (int32), cloud/nodata_fraction (float32)
+
+    @property
+    def wkb_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _chip_arrays(tables: Sequence[pa.Table]) -> _ChipArrays:
+    """Concatenate `tables` and read their columns straight from the Arrow buffers."""
+    total = sum(t.num_rows for t in tables)
+    table = pa.concat_tables(tables, promote_options="default")  # nullability may differ
+    geometry = table.column("geometry").combine_chunks()
+    if not pa.types.is_binary(geometry.type):
+        geometry = geometry.cast(pa.binary())
+    if geometry.null_count:
+        raise ItemError("chips column geometry has nulls; pass the table index_item returns")
+    _, offsets_buf, data_buf = geometry.buffers()
+    offsets = np.frombuffer(
+        offsets_buf, dtype=np.int32, count=total + 1, offset=geometry.offset * 4
+    ).astype(np.int64)
+    return _ChipArrays(
+        total=total,
+        offsets=offsets,
+        data=np.frombuffer(data_buf or b"", dtype=np.uint8),
+        columns={
+            "chip_index_x": _column(table, "chip_index_x", pa.int32()),
+            "chip_index_y": _column(table, "chip_index_y", pa.int32()),
+            "cloud_fraction": _column(table, "cloud_fraction", pa.float32()),
+            "nodata_fraction": _column(table, "nodata_fraction", pa.float32()),
+        },
+    )
+
+
 def chips_copy_data(tables: Sequence[pa.Table]) -> tuple[bytes, int]:
     """Binary COPY data (`stacchip_chips_in`'s columns) for the chips of `tables`, and its rows.
 
@@ -275,24 +315,11 @@ def chips_copy_data(tables: Sequence[pa.Table]) -> tuple[bytes, int]:
     total = int(counts.sum())
     if total == 0:
         return _COPY_HEADER + _COPY_TRAILER, 0
-    table = pa.concat_tables(tables, promote_options="default")  # nullability may differ
-    geometry = table.column("geometry").combine_chunks()
-    if not pa.types.is_binary(geometry.type):
-        geometry = geometry.cast(pa.binary())
-    if geometry.null_count:
-        raise ItemError("chips column geometry has nulls; pass the table index_item returns")
-    _, offsets_buf, data_buf = geometry.buffers()
-    offsets = np.frombuffer(
-        offsets_buf, dtype=np.int32, count=total + 1, offset=geometry.offset * 4
-    )
-    data = np.frombuffer(data_buf or b"", dtype=np.uint8)
-    lengths = np.diff(offsets)
+    chips = _chip_arrays(tables)
+    offsets, data, lengths = chips.offsets, chips.data, chips.wkb_lengths
     columns = {
         "item_no": np.repeat(np.arange(len(tables), dtype=np.int32), counts),
-        "chip_index_x": _column(table, "chip_index_x", pa.int32()),
-        "chip_index_y": _column(table, "chip_index_y", pa.int32()),
-        "cloud_fraction": _column(table, "cloud_fraction", pa.float32()),
-        "nodata_fraction": _column(table, "nodata_fraction", pa.float32()),
+        **chips.columns,
     }
     parts = [_COPY_HEADER]
     for length in np.unique(lengths):
@@ -900,28 +927,13 @@ def _bulk_copy_parts(prepared: Sequence[_Prepared], chip_size: int) -> tuple[lis
     total = int(counts.sum())
     if total == 0:
         return [_COPY_HEADER, _COPY_TRAILER], 0
-    table = pa.concat_tables([p.chips for p in prepared], promote_options="default")
-    geometry = table.column("geometry").combine_chunks()
-    if not pa.types.is_binary(geometry.type):
-        geometry = geometry.cast(pa.binary())
-    if geometry.null_count:
-        raise ItemError("chips column geometry has nulls; pass the table index_item returns")
-    _, offsets_buf, data_buf = geometry.buffers()
-    offsets = np.frombuffer(
-        offsets_buf, dtype=np.int32, count=total + 1, offset=geometry.offset * 4
-    ).astype(np.int64)
-    data = np.frombuffer(data_buf or b"", dtype=np.uint8)
-    wkb_lengths = np.diff(offsets)
+    chips = _chip_arrays([p.chips for p in prepared])
+    offsets, data, wkb_lengths = chips.offsets, chips.data, chips.wkb_lengths
     heads = [_bulk_head(p, chip_size) for p in prepared]
     head_lengths = np.array([len(h) for h in heads], dtype=np.int64)
     item_of_row = np.repeat(np.arange(len(prepared)), counts)
     micros = np.array([(p.datetime - _PG_EPOCH) // _MICROSECOND for p in prepared], np.int64)
-    columns = {
-        "chip_index_x": _column(table, "chip_index_x", pa.int32()),
-        "chip_index_y": _column(table, "chip_index_y", pa.int32()),
-        "cloud_fraction": _column(table, "cloud_fraction", pa.float32()),
-        "nodata_fraction": _column(table, "nodata_fraction", pa.float32()),
-    }
+    columns = chips.columns
     order = np.lexsort((columns["chip_index_y"], columns["chip_index_x"], item_of_row))
     common = int(wkb_lengths[0])
     wkb = None  # every WKB of one size (4-corner polygons): rows of a 2D view
