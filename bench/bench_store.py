@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pyarrow as pa
 from psycopg.conninfo import make_conninfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,12 +77,19 @@ def drop_database(admin: str, name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def chip_versions(chips: pa.Table) -> list[pa.Table]:
+    """The same chips with two other cloud fractions: storing them in turn changes every row."""
+    index = chips.schema.get_field_index("cloud_fraction")
+    return [
+        chips.set_column(index, "cloud_fraction", pa.array([c] * chips.num_rows, pa.float32()))
+        for c in (0.25, 0.5)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
     args = parser.parse_args()
-
-    import pyarrow as pa
 
     from stacchip_db.db import connect
     from stacchip_db.db.store import store_item
@@ -89,12 +97,7 @@ def main() -> None:
 
     item = json.loads((FIXTURES / S2_ITEM).read_text())
     chips = index_item(item, quality="none")
-    # The same chips with other cloud fractions: storing a and b in turn changes every row.
-    index = chips.schema.get_field_index("cloud_fraction")
-    versions = [
-        chips.set_column(index, "cloud_fraction", pa.array([c] * chips.num_rows, pa.float32()))
-        for c in (0.25, 0.5)
-    ]
+    versions = chip_versions(chips)
     print(f"item {item['id']}: {chips.num_rows} chips of 256 px")
     times: dict[str, list[float]] = {"changed": [], "unchanged": []}
     with admin_url() as admin:

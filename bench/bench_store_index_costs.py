@@ -20,7 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_store import FIXTURES, S2_ITEM, admin_url, drop_database, fresh_database  # noqa: E402
+from bench_store import (  # noqa: E402
+    FIXTURES,
+    S2_ITEM,
+    admin_url,
+    chip_versions,
+    drop_database,
+    fresh_database,
+)
 
 
 def main() -> None:
@@ -28,19 +35,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
 
-    import pyarrow as pa
-
     from stacchip_db.db import connect
     from stacchip_db.db.store import store_item
     from stacchip_db.index import index_item
 
     item = json.loads((FIXTURES / S2_ITEM).read_text())
     chips = index_item(item, quality="none")
-    index = chips.schema.get_field_index("cloud_fraction")
-    versions = [
-        chips.set_column(index, "cloud_fraction", pa.array([c] * chips.num_rows, pa.float32()))
-        for c in (0.25, 0.5)
-    ]
+    versions = chip_versions(chips)
 
     def changed_restore_ms(conn) -> float:
         times = []
