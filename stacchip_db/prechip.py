@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from stacchip_db.dataset import ChipRow, ChipSelection, bands_for, clay_norms
 from stacchip_db.errors import ConfigError, StacchipError
-from stacchip_db.reader import ChipFailure, read_item_chips
+from stacchip_db.reader import ChipFailure, ItemChips, read_item_chips
 
 log = logging.getLogger(__name__)
 
@@ -239,20 +239,20 @@ def _attach(name: str) -> SharedMemory:
     return SharedMemory(name=name)
 
 
+def _read_task(task: ReadTask, out: np.ndarray) -> ItemChips:
+    """Read the task's chips into `out` (its rows of the cube), in this process."""
+    return read_item_chips(
+        task.item, task.chips, task.bands, chip_size=task.chip_size, lanes=task.lanes, out=out
+    )
+
+
 def read_into_shared(prefix: str, task: ReadTask) -> TaskResult:
     """Worker function of prechip with `--jobs`: read the task's chips straight into the cube,
     which lives in shared memory (no pixels travel through pipes, no copy in the parent)."""
     shm = _attach(_shared_name(prefix, task.cube))
     try:
         cube = np.ndarray(_cube_shape(task), dtype=np.float32, buffer=shm.buf)
-        got = read_item_chips(
-            task.item,
-            task.chips,
-            task.bands,
-            chip_size=task.chip_size,
-            lanes=task.lanes,
-            out=cube[_rows(task)],
-        )
+        got = _read_task(task, cube[_rows(task)])
         ok, failures = got.ok, got.failures
         del cube, got  # views of the segment must go before it is closed
     finally:
@@ -361,14 +361,7 @@ def read_cubes(
             yield from run_tasks(tasks, work, jobs=jobs, before_submit=cube_of)
             return
         for task in tasks:
-            got = read_item_chips(
-                task.item,
-                task.chips,
-                task.bands,
-                chip_size=task.chip_size,
-                lanes=task.lanes,
-                out=cube_of(task).pixels[_rows(task)],
-            )
+            got = _read_task(task, cube_of(task).pixels[_rows(task)])
             yield TaskResult(task, None, got.ok, got.failures)
 
     def release(index: int) -> None:
