@@ -70,6 +70,12 @@ class JobFailed(StacchipError):
 # -- what a processor states ------------------------------------------------------------------
 
 
+YEARS = range(2018, 2024)
+"""The years the original processors drew scenes from (2018-2023)."""
+
+QUARTERS = (("01-01", "03-31"), ("04-01", "06-30"), ("07-01", "09-30"), ("10-01", "12-31"))
+"""(first day, last day) of each calendar quarter, as `MM-DD` for STAC datetime intervals."""
+
 MAX_CLOUD_COVER = 75.0
 """Default cloud limit in percent (eo:cloud_cover); the original compared it with 0.75."""
 

@@ -33,6 +33,8 @@ import pystac
 from stacchip_db.processors import register
 from stacchip_db.processors.base import (
     MAX_CLOUD_COVER,
+    QUARTERS,
+    YEARS,
     PlanContext,
     Processor,
     Scene,
@@ -43,8 +45,6 @@ from stacchip_db.stac_api import search_one
 
 log = logging.getLogger(__name__)
 
-YEARS = range(2018, 2024)
-QUARTERS = (("01-01", "03-31"), ("04-01", "06-30"), ("07-01", "09-30"), ("10-01", "12-31"))
 PLATFORMS = ("LANDSAT_8", "LANDSAT_9")
 L1_COLLECTION = "landsat-c2l1"
 L2_COLLECTION = "landsat-c2l2-sr"

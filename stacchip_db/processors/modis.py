@@ -31,14 +31,20 @@ from rasterio.vrt import WarpedVRT
 from stacchip_db import storage
 from stacchip_db.errors import StacchipError
 from stacchip_db.processors import register
-from stacchip_db.processors.base import JobRequest, PlanContext, Processor, Scene, SceneReport
+from stacchip_db.processors.base import (
+    YEARS,
+    JobRequest,
+    PlanContext,
+    Processor,
+    Scene,
+    SceneReport,
+)
 from stacchip_db.processors.derived import derive_object, open_source, write_cog
 from stacchip_db.quality import MODIS_RULE
 from stacchip_db.stac_api import search_one
 
 log = logging.getLogger(__name__)
 
-YEARS = range(2018, 2024)
 DST_CRS = "EPSG:3857"
 BANDS = tuple(f"sur_refl_b0{i}" for i in range(1, 8))
 QC_ASSET = "sur_refl_qc_500m"

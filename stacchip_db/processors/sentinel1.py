@@ -26,15 +26,13 @@ from typing import Any
 
 from stacchip_db import storage
 from stacchip_db.processors import register
-from stacchip_db.processors.base import PlanContext, Processor, Scene, SceneReport
+from stacchip_db.processors.base import QUARTERS, YEARS, PlanContext, Processor, Scene, SceneReport
 from stacchip_db.processors.derived import derive_object, open_source, write_cog
 from stacchip_db.quality import QualityRule, nodata_value_rule
 from stacchip_db.stac_api import search_one
 
 log = logging.getLogger(__name__)
 
-YEARS = range(2018, 2024)
-QUARTERS = (("01-01", "03-31"), ("04-01", "06-30"), ("07-01", "09-30"), ("10-01", "12-31"))
 DEFAULT_NODATA = -32768.0
 """Planetary Computer's RTC nodata value (float32 bands)."""
 

@@ -20,6 +20,8 @@ import pystac
 from stacchip_db.processors import register
 from stacchip_db.processors.base import (
     MAX_CLOUD_COVER,
+    QUARTERS,
+    YEARS,
     PlanContext,
     Processor,
     Scene,
@@ -31,8 +33,6 @@ from stacchip_db.storage import s3_url_from_https
 
 log = logging.getLogger(__name__)
 
-YEARS = range(2018, 2024)
-QUARTERS = (("01-01", "03-31"), ("04-01", "06-30"), ("07-01", "09-30"), ("10-01", "12-31"))
 MAX_NODATA_PIXEL_PERCENTAGE = 20
 
 
