@@ -39,6 +39,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -534,6 +535,24 @@ def _check_idle(conn: psycopg.Connection) -> None:
         )
 
 
+@contextmanager
+def _storing(what: str, on_conflict: OnConflict) -> Iterator[None]:
+    """Database errors as one line naming `what`; with `OnConflict.insert`, a key that is
+    already taken becomes `ItemExists`."""
+    try:
+        with translate_errors(what):
+            yield
+    except DatabaseError as e:
+        if isinstance(e.__cause__, psycopg.errors.UniqueViolation) and (
+            on_conflict is OnConflict.insert
+        ):
+            raise ItemExists(
+                f"{what}: an item is already stored; use on_conflict upsert (replace) or "
+                "ignore (keep)"
+            ) from e
+        raise
+
+
 def store_items(
     conn: psycopg.Connection,
     pairs: Iterable[tuple[Mapping[str, Any], pa.Table]],
@@ -570,18 +589,9 @@ def store_items(
         if len(prepared) == 1
         else f"storing {len(prepared)} items ({prepared[0].item_id} …)"
     )
-    try:
-        with translate_errors(what):
-            created = _ensure_collections_and_partitions(conn, prepared, strict=strict)
-            result = _write(conn, prepared, chip_size=chip_size, on_conflict=on_conflict)
-    except DatabaseError as e:
-        if isinstance(e.__cause__, psycopg.errors.UniqueViolation) and (
-            on_conflict is OnConflict.insert
-        ):
-            raise ItemExists(
-                f"{what}: already stored; use on_conflict upsert (replace) or ignore (keep)"
-            ) from e
-        raise
+    with _storing(what, on_conflict):
+        created = _ensure_collections_and_partitions(conn, prepared, strict=strict)
+        result = _write(conn, prepared, chip_size=chip_size, on_conflict=on_conflict)
     result.collections_created = created
     return result
 
@@ -1020,67 +1030,58 @@ def bulk_load(
     _check_idle(conn)
     what = f"bulk loading {len(prepared)} items ({prepared[0].item_id} …)"
     timings = result.timings
-    try:
-        with translate_errors(what):
+    with _storing(what, on_conflict):
+        clock = time.perf_counter()
+        result.collections_created = _ensure_collections_and_partitions(
+            conn, prepared, strict=strict
+        )
+        timings["partitions"] = time.perf_counter() - clock
+        with conn.transaction():
             clock = time.perf_counter()
-            result.collections_created = _ensure_collections_and_partitions(
-                conn, prepared, strict=strict
+            conn.execute(  # raised for this transaction only, never lowered
+                "SELECT set_config('maintenance_work_mem', %s, true) WHERE pg_size_bytes("
+                "current_setting('maintenance_work_mem')) < pg_size_bytes(%s)",
+                (maintenance_work_mem, maintenance_work_mem),
             )
-            timings["partitions"] = time.perf_counter() - clock
-            with conn.transaction():
-                clock = time.perf_counter()
-                conn.execute(  # raised for this transaction only, never lowered
-                    "SELECT set_config('maintenance_work_mem', %s, true) WHERE pg_size_bytes("
-                    "current_setting('maintenance_work_mem')) < pg_size_bytes(%s)",
-                    (maintenance_work_mem, maintenance_work_mem),
-                )
-                keys = sorted({item_lock_key(p.collection, p.item_id) for p in prepared})
-                conn.execute(
-                    "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) "
-                    "WITH ORDINALITY u(k, n) ORDER BY n",
-                    (keys,),
-                )
-                prepared = _upsert_items(
-                    conn, prepared, chip_size, on_conflict, result, batch_items=batch_items
-                )
-                timings["upsert"] = time.perf_counter() - clock
-                if not prepared:
-                    return result
-                parts, rows = _bulk_copy_parts(prepared, chip_size)
-                clock = time.perf_counter()
-                conn.execute(f"LOCK TABLE {CHIPS_TABLE} IN ACCESS EXCLUSIVE MODE")
-                timings["lock"] = time.perf_counter() - clock
-                clock = time.perf_counter()
-                _delete_items(conn, prepared, chip_size)
-                timings["delete"] = time.perf_counter() - clock
-                clock = time.perf_counter()
-                definitions = table_definitions(conn)
-                for statement in definitions.drop_statements():
-                    conn.execute(statement)
-                columns = ", ".join(_BULK_COLUMNS)
-                with conn.cursor().copy(
-                    f"COPY {CHIPS_TABLE} ({columns}) FROM STDIN WITH (FORMAT binary)"
-                ) as copy:
-                    for part in parts:
-                        copy.write(part)
-                del parts
-                timings["copy"] = time.perf_counter() - clock
-                clock = time.perf_counter()
-                for statement in definitions.create_statements():
-                    step = time.perf_counter()
-                    conn.execute(statement)
-                    log.debug("%.3f s: %s", time.perf_counter() - step, statement)
-                timings["rebuild"] = time.perf_counter() - clock
-                clock = time.perf_counter()
-            timings["commit"] = time.perf_counter() - clock
-    except DatabaseError as e:
-        if isinstance(e.__cause__, psycopg.errors.UniqueViolation) and (
-            on_conflict is OnConflict.insert
-        ):
-            raise ItemExists(
-                f"{what}: an item is already stored; use on_conflict upsert or ignore"
-            ) from e
-        raise
+            keys = sorted({item_lock_key(p.collection, p.item_id) for p in prepared})
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) "
+                "WITH ORDINALITY u(k, n) ORDER BY n",
+                (keys,),
+            )
+            prepared = _upsert_items(
+                conn, prepared, chip_size, on_conflict, result, batch_items=batch_items
+            )
+            timings["upsert"] = time.perf_counter() - clock
+            if not prepared:
+                return result
+            parts, rows = _bulk_copy_parts(prepared, chip_size)
+            clock = time.perf_counter()
+            conn.execute(f"LOCK TABLE {CHIPS_TABLE} IN ACCESS EXCLUSIVE MODE")
+            timings["lock"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            _delete_items(conn, prepared, chip_size)
+            timings["delete"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            definitions = table_definitions(conn)
+            for statement in definitions.drop_statements():
+                conn.execute(statement)
+            columns = ", ".join(_BULK_COLUMNS)
+            with conn.cursor().copy(
+                f"COPY {CHIPS_TABLE} ({columns}) FROM STDIN WITH (FORMAT binary)"
+            ) as copy:
+                for part in parts:
+                    copy.write(part)
+            del parts
+            timings["copy"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            for statement in definitions.create_statements():
+                step = time.perf_counter()
+                conn.execute(statement)
+                log.debug("%.3f s: %s", time.perf_counter() - step, statement)
+            timings["rebuild"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+        timings["commit"] = time.perf_counter() - clock
     result.items = len(prepared)
     result.chips = rows
     return result
