@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("STACCHIP_FIXTURES", REPO.parent / "shared" / "fixtures" / "stac"))
+FIXTURES = REPO / "tests" / "data" / "stac"
 S2_ITEM = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 ORIG_VENV = Path(os.environ.get("STACCHIP_ORIG_VENV", "/work/venvs/stacchip-orig"))
 BANDS = [

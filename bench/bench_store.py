@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from stacchip_db.db import init_database  # noqa: E402
 from stacchip_db.db.embedded import EmbeddedCluster  # noqa: E402
 
-FIXTURES = Path(os.environ.get("STACCHIP_FIXTURES", REPO.parent / "shared" / "fixtures" / "stac"))
+FIXTURES = REPO / "tests" / "data" / "stac"
 S2_ITEM = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 BENCH_URL_ENV = "STACCHIP_BENCH_DATABASE_URL"
 GOAL_MS = 50.0

@@ -5,8 +5,8 @@ stac-fastapi-pgstac on 127.0.0.1, runs `stacchip-db ingest sentinel-2` and `stac
 naip` against it into the configured (by default embedded) database and prints what was stored.
 The tests and the benchmark use the same pieces:
 
-- `s2_catalog` / `naip_catalog`: variants of the shared fixture items (`../shared/fixtures/stac`
-  or `$STACCHIP_FIXTURES`) with dates, cloud cover, grid codes and nodata percentages chosen so
+- `s2_catalog` / `naip_catalog`: variants of real STAC items shipped as package data
+  (`stacchip_db/demo_data/`) with dates, cloud cover, grid codes and nodata percentages chosen so
   that "least cloudy per quarter" is testable: per quarter a winner below 10 % beside a valid
   scene above 10 % (a text sort would pick that one), a clearer scene of the wrong MGRS tile and
   a clearer one with too much nodata; 2020 Q3 only above 75 % cloud; 2021 Q4 empty;
@@ -50,7 +50,6 @@ from stacchip_db.synthetic import synthesize_item
 
 log = logging.getLogger(__name__)
 
-FIXTURES_ENV = "STACCHIP_FIXTURES"
 S2_FIXTURE = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 NAIP_FIXTURE = "naip-planetary-computer-200.ndjson"
 S2_COLLECTION_FIXTURE = "sentinel-2-l2a-collection.json"
@@ -71,18 +70,10 @@ class DemoError(StacchipError):
 
 
 def fixtures_dir() -> Path:
-    """`$STACCHIP_FIXTURES`, else `../shared/fixtures/stac` beside the repository."""
-    configured = os.environ.get(FIXTURES_ENV)
-    path = (
-        Path(configured)
-        if configured
-        else Path(__file__).resolve().parents[2] / ("shared/fixtures/stac")
-    )
-    if not path.is_dir():
-        raise DemoError(
-            f"fixture STAC items not found at {path}; set {FIXTURES_ENV} to the folder holding "
-            f"{S2_FIXTURE}"
-        )
+    """The real STAC items the demo is built from: package data, so the wheel carries them."""
+    path = Path(__file__).resolve().parent / "demo_data"
+    if not (path / S2_FIXTURE).is_file():
+        raise DemoError(f"the demo's STAC items are missing from {path}; reinstall stacchip-db")
     return path
 
 

@@ -34,7 +34,8 @@ pytest_plugins = ("stac_server", "s3_server", "sensor_catalog")
 
 TEST_DATABASE_URL_ENV = "STACCHIP_TEST_DATABASE_URL"
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("STACCHIP_FIXTURES", REPO.parent / "shared" / "fixtures" / "stac"))
+FIXTURES = REPO / "tests" / "data" / "stac"
+"""The real STAC items the tests use (see tests/data/README.md): the one place they are found."""
 
 
 # -- no internet ------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,10 +17,8 @@ from stacchip_db.errors import StacchipError
 from stacchip_db.grid import chip_grid
 from stacchip_db.index import CHIP_SCHEMA, index_item, item_datetime
 from stacchip_db.synthetic import item_from_arrays, synthesize_item
+from tests.conftest import FIXTURES
 
-FIXTURES = Path(
-    os.environ.get("STACCHIP_FIXTURES", Path(__file__).parents[2] / "shared/fixtures/stac")
-)
 S2 = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 LANDSAT = "landsat-c2l2-sr-LC09_L2SR_086107_20240311_20240312_02_T2_SR.json"
 NAIP = "naip_m_4207009_ne_19_060_20211024.json"
