@@ -10,8 +10,9 @@ reference it also runs the original stacchip 0.1.38's grid alone
 (`NoStatsChipIndexer(item).create_index()`, no storage) on the first items, in its own venv
 (bench/setup_original.sh), in the same run.
 
-A throwaway embedded cluster (durable=False, as the tests) is started in a temp dir unless
-STACCHIP_BENCH_DATABASE_URL names a server (fresh databases are created on it).
+A new embedded cluster, durable (fsync on, as `stacchip-db db start` runs it), is started in a
+temp dir unless STACCHIP_BENCH_DATABASE_URL names a server (fresh databases are created on it);
+`--no-durable` measures a throwaway fsync-off cluster instead, labelled as such.
 
     .venv/bin/python bench/bench_bulk_index.py [--reps 3] [--orig-items 20] [--no-bulk]
 """
@@ -31,7 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from bench_store import FIXTURES, admin_url, drop_database, fresh_database  # noqa: E402
+from bench_store import (  # noqa: E402
+    FIXTURES,
+    add_durability_option,
+    admin_url,
+    configuration,
+    drop_database,
+    fresh_database,
+)
 
 NAIP_200 = FIXTURES / "naip-planetary-computer-200.ndjson"
 ORIG_VENV = Path(os.environ.get("STACCHIP_ORIG_VENV", "/work/venvs/stacchip-orig"))
@@ -92,6 +100,7 @@ def run_original(items: int) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
+    add_durability_option(parser)
     parser.add_argument("--orig-items", type=int, default=20,
                         help="items the original's grid runs on (0: skip it)")
     parser.add_argument("--no-bulk", action="store_true",
@@ -101,7 +110,8 @@ def main() -> None:
 
     rates, walls, summaries = [], [], []
     splits: dict[str, list[float]] = {}
-    with admin_url() as admin:
+    print(f"configuration: {configuration(args.durable)}")
+    with admin_url(args.durable) as admin:
         for rep in range(args.reps):
             name = f"stacchip_bench_bulk_{os.getpid()}_{rep}"
             url = fresh_database(admin, name)

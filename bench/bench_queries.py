@@ -21,8 +21,9 @@ index sizes per million chips.
 
     .venv/bin/python bench/bench_queries.py [--rows 10000000] [--runs 25]
 
-Starts a throwaway embedded cluster (durable=False) in a temp dir, unless
-STACCHIP_BENCH_DATABASE_URL points at a database to fill (its chips are replaced!).
+Starts a new embedded cluster in a temp dir, durable (fsync on, as `stacchip-db db start` runs
+it; `--no-durable` for a labelled fsync-off figure), unless STACCHIP_BENCH_DATABASE_URL points at
+a database to fill (its chips are replaced!).
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
+from bench_store import BENCH_URL_ENV, add_durability_option, configuration  # the bench/ folder
 
 from stacchip_db.db import init_database
 from stacchip_db.db.embedded import EmbeddedCluster
 from stacchip_db.selection import ChipFilter, Sampling, build_selection, execute_selection
 
-BENCH_URL_ENV = "STACCHIP_BENCH_DATABASE_URL"
 CHIPS_PER_ITEM = 42 * 42
 # (name, west lon, south lat, tiles east, tiles north): 400 one-degree tiles in all.
 REGIONS = (
@@ -269,19 +270,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--runs", type=int, default=25)
+    add_durability_option(parser)
     parser.add_argument("--skip-fill", action="store_true",
                         help="measure the chips already in STACCHIP_BENCH_DATABASE_URL")
     parser.add_argument("-v", "--verbose", action="store_true", help="print the plans")
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s")
+    print(f"configuration: {configuration(args.durable)}")
     url = os.environ.get(BENCH_URL_ENV)
     if url:
         init_database(url)
         run(url, args.rows, args.runs, args.skip_fill)
         return
     home = Path(tempfile.mkdtemp(prefix="stacchip-bench-"))
-    cluster = EmbeddedCluster(home, durable=False, database="postgres")
+    cluster = EmbeddedCluster(home, durable=args.durable, database="postgres")
     cluster.start()
     try:
         with psycopg.connect(cluster.socket_url("postgres"), autocommit=True) as conn:

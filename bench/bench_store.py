@@ -9,8 +9,9 @@ write). Each repetition is one `store_item` call on a warm connection; two cases
   stored exactly are left alone.
 Goal (issue 3): median <= 50 ms for "one item upserted and its chips replaced".
 
-A throwaway embedded cluster (durable=False, as the tests) is started in a temp dir unless
-STACCHIP_BENCH_DATABASE_URL names a server (a fresh database is created on it).
+A new embedded cluster, durable (fsync on, as `stacchip-db db start` runs it), is started in a
+temp dir unless STACCHIP_BENCH_DATABASE_URL names a server (a fresh database is created on it);
+`--no-durable` measures a throwaway fsync-off cluster instead, labelled as such.
 
     .venv/bin/python bench/bench_store.py [--reps 30]
 """
@@ -45,15 +46,33 @@ BENCH_URL_ENV = "STACCHIP_BENCH_DATABASE_URL"
 GOAL_MS = 50.0
 
 
+def add_durability_option(parser: argparse.ArgumentParser) -> None:
+    """`--no-durable`: fsync off, for a labelled side figure only (users run durable)."""
+    parser.add_argument(
+        "--no-durable", dest="durable", action="store_false",
+        help="throwaway cluster with fsync off: NOT what `db start` or a server runs",
+    )  # fmt: skip
+
+
+def configuration(durable: bool) -> str:
+    """How to label a figure: the configuration it was measured on."""
+    if os.environ.get(BENCH_URL_ENV):
+        return f"server at ${BENCH_URL_ENV}"
+    if durable:
+        return "embedded cluster, durable (fsync on, as `stacchip-db db start` runs)"
+    return "embedded cluster, durable=False (fsync off; NOT the default configuration)"
+
+
 @contextlib.contextmanager
-def admin_url() -> Iterator[str]:
-    """A server to create benchmark databases on: $STACCHIP_BENCH_DATABASE_URL or a throwaway."""
+def admin_url(durable: bool = True) -> Iterator[str]:
+    """A server to create benchmark databases on: $STACCHIP_BENCH_DATABASE_URL or a new
+    embedded cluster, durable (fsync on) as users run it unless `durable=False`."""
     url = os.environ.get(BENCH_URL_ENV)
     if url:
         yield url
         return
     home = Path(tempfile.mkdtemp(prefix="stacchip-bench-"))
-    cluster = EmbeddedCluster(home, durable=False, database="postgres")
+    cluster = EmbeddedCluster(home, durable=durable, database="postgres")
     cluster.start()
     try:
         yield cluster.socket_url("postgres")
@@ -89,6 +108,7 @@ def chip_versions(chips: pa.Table) -> list[pa.Table]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
+    add_durability_option(parser)
     args = parser.parse_args()
 
     from stacchip_db.db import connect
@@ -100,7 +120,8 @@ def main() -> None:
     versions = chip_versions(chips)
     print(f"item {item['id']}: {chips.num_rows} chips of 256 px")
     times: dict[str, list[float]] = {"changed": [], "unchanged": []}
-    with admin_url() as admin:
+    print(f"configuration: {configuration(args.durable)}")
+    with admin_url(args.durable) as admin:
         name = f"stacchip_bench_store_{os.getpid()}"
         url = fresh_database(admin, name)
         try:

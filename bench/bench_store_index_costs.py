@@ -23,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_store import (  # noqa: E402
     FIXTURES,
     S2_ITEM,
+    add_durability_option,
     admin_url,
     chip_versions,
+    configuration,
     drop_database,
     fresh_database,
 )
@@ -33,6 +35,7 @@ from bench_store import (  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15)
+    add_durability_option(parser)
     args = parser.parse_args()
 
     from stacchip_db.db import connect
@@ -51,7 +54,8 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return statistics.median(times) * 1000
 
-    with admin_url() as admin:
+    print(f"configuration: {configuration(args.durable)}")
+    with admin_url(args.durable) as admin:
         name = f"stacchip_bench_index_costs_{os.getpid()}"
         url = fresh_database(admin, name)
         try:

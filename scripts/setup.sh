@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for stacchip-db, idempotently:
 #   1. PostgreSQL server binaries and PostGIS (Debian/Ubuntu packages) when missing;
-#   2. a virtualenv in .venv with the package and its test extras (re-installed only when
-#      pyproject.toml changed).
+#   2. a virtualenv in .venv with the package and its test extras at the exact versions of
+#      constraints.txt (re-installed only when pyproject.toml or constraints.txt changed).
 # Used by `make test`, `make demo` and CI; safe to run any number of times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,11 +39,11 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 stamp=.venv/.stacchip-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     log "installing stacchip-db and its test extras into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[test]"
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
     echo "$want" > "$stamp"
 fi
 log "ready: PostgreSQL $major with PostGIS, .venv with stacchip-db"

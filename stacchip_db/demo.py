@@ -1,11 +1,13 @@
-"""A small STAC catalog served on loopback: the offline demo, and the tests' STAC API.
+"""The offline demo: a small STAC catalog served on loopback, and the main job run against it.
 
-`python -m stacchip_db.demo` (what `make demo` runs) builds the catalog, serves it with
-stac-fastapi-pgstac on 127.0.0.1, runs `stacchip-db ingest sentinel-2` and `stacchip-db ingest
-naip` against it into the configured (by default embedded) database and prints what was stored.
-The tests and the benchmark use the same pieces:
+`stacchip-db demo [--out DIR]` (what `make demo` runs; needs `pip install 'stacchip-db[demo]'`)
+builds the catalog, serves it with stac-fastapi-pgstac on 127.0.0.1, runs `stacchip-db ingest
+sentinel-2` and `ingest naip` against it into an embedded database of its own under DIR/home, then
+samples, exports, describes and pictures the chips. The tests' loopback STAC API and the
+benchmarks build on the same pieces (the tests' fault injector and expected choices live in
+tests/stac_server.py):
 
-- `s2_catalog` / `naip_catalog`: variants of real STAC items shipped as package data
+- `s2_variants` / `s2_item` / `naip_item`: variants of real STAC items shipped as package data
   (`stacchip_db/demo_data/`) with dates, cloud cover, grid codes and nodata percentages chosen so
   that "least cloudy per quarter" is testable: per quarter a winner below 10 % beside a valid
   scene above 10 % (a text sort would pick that one), a clearer scene of the wrong MGRS tile and
@@ -13,24 +15,26 @@ The tests and the benchmark use the same pieces:
 - `synthesize_assets`: one set of small COGs (stacchip_db.synthetic) that all variants point to;
 - `load_catalog`: a pgstac database (`db init`, so numeric queryables are registered) loaded
   through pypgstac's loader;
-- `StacApiServer`: stac-fastapi-pgstac under uvicorn in a background thread, behind a small
-  ASGI `FaultInjector` that can answer the next N requests with an HTTP error.
+- `StacApiServer`: stac-fastapi-pgstac under uvicorn in a background thread (optionally behind
+  ASGI middleware);
+- `run_demo`: the demo itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import importlib.util
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -42,8 +46,9 @@ import click
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from stacchip_db.config import Settings
+from stacchip_db.config import DATABASE_URL_ENV, HOME_ENV, Settings
 from stacchip_db.db import connect, init_database, resolve_url
+from stacchip_db.db.embedded import EmbeddedCluster
 from stacchip_db.errors import StacchipError
 from stacchip_db.processors.sentinel2 import Sentinel2
 from stacchip_db.synthetic import synthesize_item
@@ -135,30 +140,6 @@ def s2_item(base: dict[str, Any], variant: Variant, collection: str) -> dict[str
     return item
 
 
-def expected_s2_choice(
-    items: Iterable[dict[str, Any]],
-    year: int,
-    quarter: int,
-    *,
-    tile: str = S2_TILE,
-    max_cloud: float = 75.0,
-) -> str | None:
-    """The id the sentinel-2 rule must pick for a quarter, computed from the catalog's items."""
-    months = range(3 * (quarter - 1) + 1, 3 * quarter + 1)
-    candidates = [
-        item
-        for item in items
-        if item["properties"]["datetime"].startswith(str(year))
-        and int(item["properties"]["datetime"][5:7]) in months
-        and item["properties"]["grid:code"] == f"MGRS-{tile}"
-        and item["properties"]["s2:nodata_pixel_percentage"] <= 20
-    ]
-    if not candidates:
-        return None
-    best = min(candidates, key=lambda i: i["properties"]["eo:cloud_cover"])
-    return best["id"] if best["properties"]["eo:cloud_cover"] <= max_cloud else None
-
-
 def naip_item(base: dict[str, Any], year: int) -> dict[str, Any]:
     """The fixture NAIP item (with synthetic hrefs) as flown in `year`."""
     item = copy.deepcopy(base)
@@ -184,9 +165,11 @@ def synthesize_assets(out_dir: Path, *, s2_scale: int = 10, naip_scale: int = 20
     }
 
 
-def collection_document(fixture: str, collection_id: str) -> dict[str, Any]:
-    """A fixture collection document under another id."""
-    document = _json(fixtures_dir() / fixture)
+def collection_document(
+    fixture: str, collection_id: str, directory: Path | None = None
+) -> dict[str, Any]:
+    """A fixture collection document (from `directory`, else the demo's) under another id."""
+    document = _json((directory or fixtures_dir()) / fixture)
     document["id"] = collection_id
     document["links"] = []
     return document
@@ -269,49 +252,6 @@ def asyncpg_url(url: str) -> str:
 # -- serving it -------------------------------------------------------------------------------
 
 
-class FaultInjector:
-    """ASGI middleware: answer the next N matching requests with an HTTP error status.
-
-    Used to show that STAC API calls are retried (`fail_next(2, 500)` -> two 500s, then the
-    real answer). `requests` records every (method, path) seen.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self._faults: deque[tuple[str, int]] = deque()
-        self._lock = threading.Lock()
-        self.requests: list[tuple[str, str, int | None]] = []
-
-    def fail_next(self, count: int, status: int = 500, path: str = "/search") -> None:
-        with self._lock:
-            self._faults.extend([(path, status)] * count)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._faults.clear()
-            self.requests.clear()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            status = None
-            with self._lock:
-                if self._faults and scope["path"].startswith(self._faults[0][0]):
-                    status = self._faults.popleft()[1]
-                self.requests.append((scope["method"], scope["path"], status))
-            if status is not None:
-                body = json.dumps({"code": "InjectedFault", "description": "injected"}).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": status,
-                        "headers": [(b"content-type", b"application/json")],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -321,7 +261,14 @@ def free_port() -> int:
 class StacApiServer:
     """stac-fastapi-pgstac over the pgstac database at `database_url`, on 127.0.0.1."""
 
-    def __init__(self, database_url: str, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        port: int | None = None,
+        wrap: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """`wrap` is ASGI middleware put around the API (the tests' fault injector)."""
         import uvicorn
         from stac_fastapi.pgstac.app import instantiate_api
         from stac_fastapi.pgstac.config import PostgresSettings
@@ -360,11 +307,11 @@ class StacApiServer:
             stac_fastapi_version="1.0.0",
         )
         api = instantiate_api(settings=settings, lifespan=lifespan)
-        self.faults = FaultInjector(api.app)
+        self.app = wrap(api.app) if wrap is not None else api.app
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            self.faults, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="stac-api", daemon=True)
@@ -395,6 +342,24 @@ class StacApiServer:
 # -- the demo ---------------------------------------------------------------------------------
 
 SOURCE_DATABASE = "stacchip_demo_source"
+DEMO_EXTRA = ("stac_fastapi.pgstac", "uvicorn")
+"""What `pip install 'stacchip-db[demo]'` adds: the loopback STAC API the demo serves."""
+SELECTION = ["--collection", "sentinel-2-l2a", "--max-cloud", "0.5", "-n", "64", "--seed", "7"]
+"""The demo's seeded sample: 64 Sentinel-2 chips with at most 50 % cloud."""
+
+
+def check_demo_extra() -> None:
+    """One line naming the install command when the demo's extra is missing."""
+    missing = []
+    for module in DEMO_EXTRA:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the parent package is missing
+            found = False
+        if not found:
+            missing.append(module.split(".")[0].replace("_", "-"))
+    if missing:
+        raise DemoError(f"the demo needs {', '.join(missing)}: pip install 'stacchip-db[demo]'")
 
 
 def build_demo_catalog(server_url: str, out_dir: Path) -> tuple[str, dict[str, Any]]:
@@ -414,10 +379,19 @@ def build_demo_catalog(server_url: str, out_dir: Path) -> tuple[str, dict[str, A
     return catalog_url, bases
 
 
-def _ingest(args: list[str]) -> None:
-    command = [sys.executable, "-m", "stacchip_db.cli", "ingest", *args]
-    log.info("$ stacchip-db ingest %s", " ".join(args))
-    subprocess.run(command, check=True)
+def demo_environment(home: Path) -> dict[str, str]:
+    """The environment of the demo's commands: its own embedded database, never the user's."""
+    env = {k: v for k, v in os.environ.items() if k not in (DATABASE_URL_ENV, HOME_ENV)}
+    env[HOME_ENV] = str(home)
+    return env
+
+
+def _stacchip_db(args: list[str], env: dict[str, str]) -> None:
+    """Run `stacchip-db ARGS` as the user would, showing the command and its output."""
+    click.echo(f"\n$ stacchip-db {' '.join(args)}")
+    done = subprocess.run([sys.executable, "-m", "stacchip_db.cli", *args], env=env)
+    if done.returncode != 0:
+        raise DemoError(f"`stacchip-db {args[0]}` failed (exit {done.returncode}); see above")
 
 
 def _print_stored(url: str) -> None:
@@ -440,50 +414,79 @@ def _print_stored(url: str) -> None:
         click.echo(f"  {processor:<12} {index:>3}  {status:<10} {scenes:>2}  {attempts}")
 
 
-def main() -> None:
-    """Build and serve the demo catalog, ingest from it, print what was stored."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out_dir = Path(os.environ.get("STACCHIP_DEMO_OUTPUT", "demo-output")).absolute()
-    settings = Settings.from_env()
-    url = resolve_url(settings)
-    catalog_url, bases = build_demo_catalog(url, out_dir)
-    samples = out_dir / "samples"
-    s2_source = write_sample_source(samples / "mgrs.geojson", s2_sample_rows(2))
-    naip_source = write_sample_source(
-        samples / "naip.geojson", [(naip_sample_geometry(bases["naip"]), {"name": "al"})]
+@dataclass(frozen=True)
+class DemoResult:
+    """Where the demo left everything."""
+
+    out_dir: Path
+    home: Path
+    target: Path
+    sample: Path
+    cubes: Path
+    band_stats: Path
+    preview: Path
+    map: Path
+
+
+def run_demo(out_dir: Path) -> DemoResult:
+    """The whole offline demo into `out_dir`, on an embedded database of its own.
+
+    Serves a small catalog (synthetic COGs of real STAC items, pgstac, stac-fastapi-pgstac) on
+    127.0.0.1, runs `stacchip-db ingest sentinel-2` and `ingest naip` against it, then samples,
+    exports, describes and pictures the chips, each as the `stacchip-db` command a user types.
+    The database lives under `out_dir/home` and is left running for the user to query; when the
+    demo fails, a database it started is stopped again.
+    """
+    check_demo_extra()
+    out_dir = out_dir.absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    home = out_dir / "home"
+    env = demo_environment(home)
+    cluster = EmbeddedCluster(home)
+    was_running = cluster.status().running
+    result = DemoResult(
+        out_dir=out_dir,
+        home=home,
+        target=out_dir / "target",
+        sample=out_dir / "sample.csv",
+        cubes=out_dir / "cubes",
+        band_stats=out_dir / "band_stats.yaml",
+        preview=out_dir / "preview.png",
+        map=out_dir / "map.png",
     )
-    target = out_dir / "target"
-    with StacApiServer(catalog_url) as api:
-        log.info("demo STAC API at %s (pgstac database %s)", api.url, SOURCE_DATABASE)
-        _ingest(
-            [
-                "sentinel-2",
-                "--index",
-                "0",
-                "--sample-source",
-                str(s2_source),
-                "--target",
-                str(target),
-                "--stac-api",
-                api.url,
-            ]
+    try:
+        _stacchip_db(["db", "start"], env)
+        _stacchip_db(["db", "init"], env)
+        url = resolve_url(Settings(home=home))
+        click.echo("\ndemo: building and serving a small STAC catalog on 127.0.0.1")
+        catalog_url, bases = build_demo_catalog(url, out_dir)
+        samples = out_dir / "samples"
+        s2_source = write_sample_source(samples / "mgrs.geojson", s2_sample_rows(2))
+        naip_source = write_sample_source(
+            samples / "naip.geojson", [(naip_sample_geometry(bases["naip"]), {"name": "al"})]
         )
-        _ingest(
-            [
-                "naip",
-                "--index",
-                "0",
-                "--sample-source",
-                str(naip_source),
-                "--target",
-                str(target),
-                "--stac-api",
-                api.url,
-            ]
-        )
-    _print_stored(url)
-    click.echo(f"\ncopied assets and stac_item.json files under {target}")
-
-
-if __name__ == "__main__":
-    main()
+        with StacApiServer(catalog_url) as api:
+            click.echo(f"demo: STAC API at {api.url} (pgstac database {SOURCE_DATABASE})")
+            for processor, source in (("sentinel-2", s2_source), ("naip", naip_source)):
+                _stacchip_db(
+                    ["ingest", processor, "--index", "0", "--sample-source", str(source),
+                     "--target", str(result.target), "--stac-api", api.url],
+                    env,
+                )  # fmt: skip
+        _print_stored(url)
+        _stacchip_db(["sample", *SELECTION, "--format", "csv", "-o", str(result.sample)], env)
+        click.echo("".join(result.sample.read_text().splitlines(keepends=True)[:4]), nl=False)
+        shutil.rmtree(result.cubes, ignore_errors=True)
+        _stacchip_db(["prechip", *SELECTION, "--cube-size", "32", "--out", str(result.cubes)], env)
+        _stacchip_db(
+            ["stats", "--cubes", str(result.cubes / "sentinel-2-l2a"),
+             "--platform", "sentinel-2-l2a", "--yaml", str(result.band_stats)],
+            env,
+        )  # fmt: skip
+        _stacchip_db(["preview", *SELECTION, "--out", str(result.preview)], env)
+        _stacchip_db(["map", "--collection", "sentinel-2-l2a", "--out", str(result.map)], env)
+    except BaseException:
+        if not was_running:
+            cluster.stop()
+        raise
+    return result

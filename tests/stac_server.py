@@ -2,7 +2,8 @@
 
 Session-scoped: the COGs are generated once (stacchip_db.synthetic, via stacchip_db.demo), the
 catalog database is created on the test server and loaded once, and uvicorn serves it from a
-background thread. `stac_api.faults` injects HTTP errors (cleared after every test).
+background thread. `stac_api.faults` (a `FaultInjector` around the API) injects HTTP errors
+(cleared after every test); `expected_s2_choice` computes what the sentinel-2 rule must pick.
 
 Catalog: collection `sentinel-2-l2a` (the variants of `stacchip_db.demo.s2_variants`), `naip`
 (the fixture NAIP item in each of `NAIP_YEARS`), and `sentinel-2-broken`, two scenes of which
@@ -12,7 +13,10 @@ the second's `scl` asset does not exist (2019 Q1 and Q2).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import json
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from stacchip_db.demo import (
     NAIP_COLLECTION_FIXTURE,
     NAIP_YEARS,
     S2_COLLECTION_FIXTURE,
+    S2_TILE,
     StacApiServer,
     Variant,
     collection_document,
@@ -34,6 +39,73 @@ from stacchip_db.demo import (
 )
 
 BROKEN_COLLECTION = "sentinel-2-broken"
+
+
+class FaultInjector:
+    """ASGI middleware: answer the next N matching requests with an HTTP error status.
+
+    Used to show that STAC API calls are retried (`fail_next(2, 500)` -> two 500s, then the
+    real answer). `requests` records every (method, path) seen.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._faults: deque[tuple[str, int]] = deque()
+        self._lock = threading.Lock()
+        self.requests: list[tuple[str, str, int | None]] = []
+
+    def fail_next(self, count: int, status: int = 500, path: str = "/search") -> None:
+        with self._lock:
+            self._faults.extend([(path, status)] * count)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self.requests.clear()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            status = None
+            with self._lock:
+                if self._faults and scope["path"].startswith(self._faults[0][0]):
+                    status = self._faults.popleft()[1]
+                self.requests.append((scope["method"], scope["path"], status))
+            if status is not None:
+                body = json.dumps({"code": "InjectedFault", "description": "injected"}).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def expected_s2_choice(
+    items: Iterable[dict[str, Any]],
+    year: int,
+    quarter: int,
+    *,
+    tile: str = S2_TILE,
+    max_cloud: float = 75.0,
+) -> str | None:
+    """The id the sentinel-2 rule must pick for a quarter, computed from the catalog's items."""
+    months = range(3 * (quarter - 1) + 1, 3 * quarter + 1)
+    candidates = [
+        item
+        for item in items
+        if item["properties"]["datetime"].startswith(str(year))
+        and int(item["properties"]["datetime"][5:7]) in months
+        and item["properties"]["grid:code"] == f"MGRS-{tile}"
+        and item["properties"]["s2:nodata_pixel_percentage"] <= 20
+    ]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda i: i["properties"]["eo:cloud_cover"])
+    return best["id"] if best["properties"]["eo:cloud_cover"] <= max_cloud else None
 
 
 @dataclass
@@ -51,7 +123,7 @@ class StacCatalog:
 
     @property
     def faults(self) -> Any:
-        return self.server.faults
+        return self.server.app
 
 
 def _broken_items(base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -84,7 +156,7 @@ def stac_catalog(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> It
         ],
         [item for group in items.values() for item in group],
     )
-    server = StacApiServer(url).start()
+    server = StacApiServer(url, wrap=FaultInjector).start()
     try:
         yield StacCatalog(server=server, items=items, bases=bases, assets_dir=assets_dir)
     finally:

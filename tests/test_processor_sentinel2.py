@@ -17,11 +17,11 @@ from conftest import error_line, run_cli
 from stacchip_db.demo import (
     EMPTY_QUARTER,
     SKIPPED_QUARTER,
-    expected_s2_choice,
     s2_sample_rows,
     write_sample_source,
 )
 from stacchip_db.processors.sentinel2 import choose_years
+from tests.stac_server import expected_s2_choice
 
 S2 = "sentinel-2-l2a"
 FULL_JOB = 1  # years 2019 and 2022: eight quarters with scenes

@@ -22,6 +22,7 @@ from stacchip_db.errors import StacchipError
 
 LAZY_COMMANDS = {
     "db": "stacchip_db.cli.db:db",
+    "demo": "stacchip_db.cli.demo:demo",
     "chips": "stacchip_db.cli.chips:chips",
     "sample": "stacchip_db.cli.chips:sample",
     "index": "stacchip_db.cli.index:index",

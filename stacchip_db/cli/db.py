@@ -70,13 +70,22 @@ def status(ctx: click.Context, cli: CliContext) -> None:
 )
 @pass_cli
 def url(cli: CliContext, tcp: bool, show_password: bool) -> None:
-    """Print the URL to hand to other tools (psql, QGIS, stac-fastapi-pgstac)."""
+    """Print the URL to hand to other tools (psql, QGIS, stac-fastapi-pgstac).
+
+    Only answers: the embedded database must be running (`db start`); nothing is created.
+    """
     if not cli.settings.embedded:
         server = cli.settings.database_url or ""
         click.echo(server if show_password else mask_url(server))
         return
     cluster = EmbeddedCluster(cli.settings.home)
-    cluster.ensure_running()
+    # A question, not a command: never create or start a cluster (a typo'd or unset
+    # STACCHIP_HOME would otherwise quietly give a new, empty database).
+    if not cluster.status().running:
+        raise ConfigError(
+            f"no embedded database is running under {cluster.home} (STACCHIP_HOME): start it "
+            "with `stacchip-db db start`, or set STACCHIP_HOME to the home you meant"
+        )
     click.echo(cluster.tcp_url(show_password=show_password) if tcp else cluster.socket_url())
 
 

@@ -1,0 +1,49 @@
+"""`stacchip-db demo`: the whole offline demo, on an embedded database of its own."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import click
+
+from stacchip_db.cli.options import CliContext, pass_cli
+
+
+@click.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("stacchip-demo"),
+    show_default=True,
+    help="Folder for everything the demo makes: its database (OUT/home), scenes, cubes, pictures.",
+)
+@pass_cli
+def demo(cli: CliContext, out_dir: Path) -> None:
+    """Run the main job offline: serve a small STAC catalog on 127.0.0.1, ingest Sentinel-2 and
+    NAIP scenes from it, then sample, export, describe and picture the chips.
+
+    The demo never touches your database: it starts an embedded database of its own under
+    OUT/home, whatever --database-url, STACCHIP_DATABASE_URL or STACCHIP_HOME say, and leaves it
+    running so that you can query it. Needs `pip install 'stacchip-db[demo]'`.
+    """
+    from stacchip_db.demo import run_demo
+
+    if not cli.settings.embedded:
+        click.echo("demo: a database URL is set; the demo does not use it (its own is under OUT)")
+    result = run_demo(out_dir)
+    home = result.home
+    click.echo(
+        "\ndemo: done. What it made:\n"
+        f"  copied scenes     {result.target}/{{collection}}/{{item_id}}/\n"
+        f"  sample            {result.sample}\n"
+        f"  npz cubes         {result.cubes}/sentinel-2-l2a/cube_*.npz (+ manifest)\n"
+        f"  band statistics   {result.band_stats}\n"
+        f"  pictures          {result.preview}, {result.map}\n"
+        f"  database          embedded, under {home}, still running:\n"
+        f"      export STACCHIP_HOME={shlex.quote(str(home))}\n"
+        '      psql "$(stacchip-db db url)"     # query it\n'
+        "      stacchip-db db stop              # stop it when you are done\n"
+        f"  remove everything: stacchip-db db stop, then rm -r {shlex.quote(str(result.out_dir))}"
+    )
