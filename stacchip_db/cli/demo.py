@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import click
@@ -34,6 +36,7 @@ def demo(cli: CliContext, out_dir: Path) -> None:
         click.echo("demo: a database URL is set; the demo does not use it (its own is under OUT)")
     result = run_demo(out_dir)
     home = result.home
+    sdb = _command()
     click.echo(
         "\ndemo: done. What it made:\n"
         f"  copied scenes     {result.target}/{{collection}}/{{item_id}}/\n"
@@ -43,7 +46,17 @@ def demo(cli: CliContext, out_dir: Path) -> None:
         f"  pictures          {result.preview}, {result.map}\n"
         f"  database          embedded, under {home}, still running:\n"
         f"      export STACCHIP_HOME={shlex.quote(str(home))}\n"
-        '      psql "$(stacchip-db db url)"     # query it\n'
-        "      stacchip-db db stop              # stop it when you are done\n"
-        f"  remove everything: stacchip-db db stop, then rm -r {shlex.quote(str(result.out_dir))}"
+        f'      psql "$({sdb} db url)"     # query it\n'
+        f"      {sdb} db stop              # stop it when you are done\n"
+        f"  remove everything: {sdb} db stop, then rm -r {shlex.quote(str(result.out_dir))}"
     )
+
+
+def _command() -> str:
+    """How to type this tool in the user's shell: `stacchip-db` when PATH finds this install,
+    else the script's full path (a virtualenv that is not activated, as after `make demo`)."""
+    script = Path(sys.executable).parent / "stacchip-db"
+    found = shutil.which("stacchip-db")
+    if script.exists() and (found is None or Path(found).resolve() != script.resolve()):
+        return shlex.quote(str(script))
+    return "stacchip-db"
