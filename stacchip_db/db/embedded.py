@@ -361,6 +361,9 @@ class EmbeddedCluster:
         old_log = self.home / "postgresql.log"
         if os.path.lexists(old_log) and not os.path.lexists(self.log_file):
             os.rename(old_log, self.log_file)
+        # A server stopped after we took the home back could not remove its socket files.
+        for leftover in self.home.glob(".s.PGSQL.*"):
+            _remove_entry(leftover)
         log.info("moved the embedded database from %s to %s", legacy, self.data_dir)
 
     # -- running the server's programs ------------------------------------------------------
