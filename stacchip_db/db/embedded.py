@@ -162,8 +162,8 @@ class EmbeddedCluster:
             current = self.status()
             if current.running:
                 return current, False
-            self._move_legacy_layout()
             self._check_server_can_reach()
+            self._move_legacy_layout()
             if not (self.data_dir / "PG_VERSION").exists():
                 self._initdb()
             port = self._choose_port()
@@ -316,11 +316,10 @@ class EmbeddedCluster:
         not changed.
         """
         user = self._server_user()
-        if user is None or self._run(["test", "-x", str(self.server_dir)], check=False) \
-                .returncode == 0:
+        if user is None or self._server_can_enter(self.server_dir):
             return
         for folder in [*reversed(self.home.parents), self.home, self.server_dir]:
-            if self._run(["test", "-x", str(folder)], check=False).returncode != 0:
+            if not self._server_can_enter(folder):
                 st = os.stat(folder)
                 raise EmbeddedDatabaseError(
                     f"the server user {user.pw_name} cannot enter {folder} (mode "
@@ -328,6 +327,10 @@ class EmbeddedCluster:
                     f"STACCHIP_HOME {self.home}: set STACCHIP_HOME to a folder it can reach "
                     f"(e.g. {ROOT_HOME}) or allow it through (chmod o+x {folder})"
                 )
+
+    def _server_can_enter(self, folder: Path) -> bool:
+        # Asked of the kernel as the server user: ACLs and groups count as they will for it.
+        return self._run(["test", "-x", str(folder)], check=False).returncode == 0
 
     def _open_lock(self) -> int:
         """The lock file, opened without following a link and without truncating anything."""
@@ -491,9 +494,9 @@ class EmbeddedCluster:
 
     def _log_tail(self) -> str:
         text = _read_file(self.log_file, ours=False)
-        lines = (text or "").strip().splitlines()
         if text is None:
             return "no log"
+        lines = text.strip().splitlines()
         return lines[-1] if lines else "empty log"
 
 
