@@ -16,10 +16,19 @@ DATABASE_URL_ENV = "STACCHIP_DATABASE_URL"
 HOME_ENV = "STACCHIP_HOME"
 
 
+ROOT_HOME = Path("/var/lib/stacchip-db")
+"""Root's default home: root's own data folder (under /root, 0700) is out of the server
+user's reach, and its permissions are not ours to change."""
+
+
 def default_home() -> Path:
-    """`$XDG_DATA_HOME/stacchip-db`, usually `~/.local/share/stacchip-db`."""
+    """`$XDG_DATA_HOME/stacchip-db`, usually `~/.local/share/stacchip-db`; as root
+    `/var/lib/stacchip-db`, unless a home made there by an earlier version exists."""
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "stacchip-db"
+    home = Path(data_home) / "stacchip-db"
+    if os.geteuid() == 0 and not home.exists():
+        return ROOT_HOME
+    return home
 
 
 @dataclass(frozen=True)
@@ -45,16 +54,21 @@ class Settings:
         return self.database_url is None
 
 
-# postgresql://user:secret@host/db  and  password=secret  (libpq keyword form)
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?=@)", re.I)
-_KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.I)
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>[^&\s]+)", re.I)
+# Where passwords hide. A URL's user info runs to the LAST `@` of the URL (a raw `@`, `:`, `/`
+# or `?` in a password must not end it early; masking too much is the safe side). Query form
+# `?password=` / `&password=`; libpq keyword form `password=…` (quoted or not), also
+# PGPASSWORD= and FOO_PASSWORD=.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^\s:/]*:)(?P<pw>\S*)(?=@)", re.I)
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>[^&\s]*)", re.I)
+_KV_PASSWORD = re.compile(
+    r"(?P<head>(?<![?&\w])(?:\w*_|pg)?password\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'?|\S+)", re.I
+)
 MASK = "***"
 
 
 def mask_url(text: str) -> str:
     """Replace every password in `text` (URL, query or keyword form) with `***`."""
-    for pattern in (_URL_PASSWORD, _KV_PASSWORD, _QUERY_PASSWORD):
+    for pattern in (_URL_PASSWORD, _QUERY_PASSWORD, _KV_PASSWORD):
         text = pattern.sub(lambda m: m.group("head") + MASK, text)
     return text
 

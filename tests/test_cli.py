@@ -23,6 +23,36 @@ def test_mask_url_forms() -> None:
         "postgresql://db/x?user=a&password=***"
     )
     assert mask_url("postgresql://alice@db/x") == "postgresql://alice@db/x"
+    assert mask_url("postgresql://alice@db:5432/x?sslmode=require") == (
+        "postgresql://alice@db:5432/x?sslmode=require"
+    )
+
+
+def test_mask_url_awkward_passwords() -> None:
+    # Raw characters libpq users do put in URLs, and every place a password can stand.
+    secret = "p@ss:w/rd?x%40y"
+    forms = {
+        f"postgresql://alice:{secret}@db:5432/x": "postgresql://alice:***@db:5432/x",
+        f"at postgresql://alice:{secret}@db/x: refused": "at postgresql://alice:***@db/x: refused",
+        f"postgresql://alice@corp:{secret}@db/x": "postgresql://alice@corp:***@db/x",
+        f"postgresql://alice:{secret}@[::1]:5432/x": "postgresql://alice:***@[::1]:5432/x",
+        f"postgresql:///x?host=/tmp&password={secret}&user=a": (
+            "postgresql:///x?host=/tmp&password=***&user=a"
+        ),
+        f"host=db password={secret} user=a": "host=db password=*** user=a",
+        "host=db password = 'it\\'s p@ss' user=a": "host=db password = *** user=a",
+        f"PGPASSWORD={secret} psql": "PGPASSWORD=*** psql",
+    }
+    for text, masked in forms.items():
+        assert mask_url(text) == masked, text
+        assert mask_url(masked) == masked  # masking twice changes nothing
+
+
+def test_database_url_help_says_arguments_show_in_ps() -> None:
+    result = run_cli(["--help"])
+    assert result.exit_code == 0
+    flat = " ".join(result.stdout.split())
+    assert "prefer $STACCHIP_DATABASE_URL" in flat and "show in `ps`" in flat
 
 
 def test_log_records_are_masked() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -13,6 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from stacchip_db.config import ROOT_HOME, default_home
 from stacchip_db.db.embedded import EmbeddedCluster, find_bindir
 from tests.conftest import error_line, run_cli
 
@@ -24,6 +27,26 @@ def home() -> Iterator[Path]:
     yield path
     EmbeddedCluster(path).stop()
     shutil.rmtree(path, ignore_errors=True)
+
+
+SERVER_USER = "postgres"  # who runs the server when the tests run as root, as they do
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="only as root is the server another user")
+
+
+def _as_server_user(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(command), user=SERVER_USER, group=SERVER_USER, extra_groups=[],
+                          capture_output=True, text=True, cwd="/")
+
+
+@pytest.fixture
+def roots_file() -> Iterator[Path]:
+    """A file only root may write, which links planted by the server user point at."""
+    folder = Path(tempfile.mkdtemp(prefix="sdb-target-"))
+    target = folder / "precious"
+    target.write_text("root's own data\n")
+    target.chmod(0o644)
+    yield target
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _cli_subprocess(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -127,3 +150,84 @@ def test_database_without_postgis_says_how_to_install_it(
     error = error_line(result)
     assert "PostGIS is not installed" in error
     assert "apt-get install postgresql-" in error and "-postgis-3" in error
+
+
+@as_root
+def test_links_planted_by_the_server_user_are_not_followed(home: Path, roots_file: Path) -> None:
+    server = pwd.getpwnam(SERVER_USER)
+    untouched = (roots_file.read_bytes(), roots_file.stat().st_mtime_ns)
+    cluster = EmbeddedCluster(home, durable=False)
+    cluster.start()
+    with psycopg.connect(cluster.socket_url(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 42 AS answer")
+
+    # A new home: the server user may enter it, but not add or replace anything in it.
+    st = home.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, server.pw_gid, 0o710)
+    assert (home / "server").stat().st_uid == server.pw_uid
+    planted = _as_server_user("ln", "-sf", str(roots_file), str(home / "port"))
+    assert planted.returncode != 0 and "Permission denied" in planted.stderr
+    cluster.stop()
+
+    # A home as earlier versions left it (everything in it, owned by the server user), where
+    # the server user replaced root's files with links to a file of root's.
+    os.rename(home / "server" / "pgdata", home / "pgdata")
+    os.rename(home / "server" / "postgresql.log", home / "postgresql.log")
+    os.rmdir(home / "server")
+    os.chown(home, server.pw_uid, server.pw_gid)
+    home.chmod(0o700)
+    names = (".lock", "port", "password")
+    plant = " && ".join(f"rm -f {name} && ln -s {roots_file} {name}" for name in names)
+    planted = _as_server_user("sh", "-c", f"cd {home} && {plant}")
+    assert planted.returncode == 0, planted.stderr
+
+    result = run_cli(["db", "start"], home=home)
+    assert result.exit_code == 0, result.output
+    assert (roots_file.read_bytes(), roots_file.stat().st_mtime_ns) == untouched
+    for name in names:
+        st = os.lstat(home / name)
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == 0, name
+    assert home.stat().st_uid == 0 and not (home / "pgdata").exists()
+    assert (home / "server" / "pgdata" / "PG_VERSION").exists()
+    assert "took back" in result.stderr and "set a new password" in result.stderr
+
+    tcp = run_cli(["db", "url", "--tcp", "--show-password"], home=home).stdout.strip()
+    with psycopg.connect(tcp) as conn:  # the new password works, and the data is still there
+        assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)
+
+
+@as_root
+def test_a_parent_the_server_user_cannot_enter_is_named_not_changed() -> None:
+    parent = Path(tempfile.mkdtemp(prefix="sdb-p-"))
+    try:
+        parent.chmod(0o750)  # like /root: the server user is neither owner nor in the group
+        error = error_line(run_cli(["db", "start"], home=parent / "home"))
+        assert f"server user {SERVER_USER} cannot enter {parent} (mode 750" in error
+        assert "set STACCHIP_HOME to a folder it can reach" in error
+        assert stat.S_IMODE(parent.stat().st_mode) == 0o750
+        assert not (parent / "home" / "server" / "pgdata").exists()
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@as_root
+def test_a_home_in_a_folder_the_server_user_may_change_is_refused() -> None:
+    parent = Path(tempfile.mkdtemp(prefix="sdb-p-"))
+    try:
+        server = pwd.getpwnam(SERVER_USER)
+        os.chown(parent, server.pw_uid, server.pw_gid)  # it could swap the home for its own
+        error = error_line(run_cli(["db", "start"], home=parent / "home"))
+        assert f"is inside {parent}, which the server user {SERVER_USER} may change" in error
+        assert not (parent / "home").exists()
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@as_root
+def test_roots_default_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    assert default_home() == ROOT_HOME
+    earlier = tmp_path / ".local" / "share" / "stacchip-db"  # made by an earlier version
+    earlier.mkdir(parents=True)
+    assert default_home() == earlier

@@ -89,7 +89,8 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     envvar=DATABASE_URL_ENV,
     metavar="URL",
     help=f"libpq URL of a PostgreSQL server (or ${DATABASE_URL_ENV}); "
-    "without one, the embedded database under $STACCHIP_HOME is used.",
+    "without one, the embedded database under $STACCHIP_HOME is used. On shared machines "
+    f"prefer ${DATABASE_URL_ENV}: command-line arguments, passwords included, show in `ps`.",
 )
 @click.option(
     "-v", "--verbose", count=True, help="More output; -v shows tracebacks, -vv debug logs."
