@@ -154,7 +154,7 @@ def test_a_failing_demo_is_one_line_and_stops_its_database(
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "reinstall stacchip-db" in errors[0], done.stderr
     assert "Traceback" not in done.stderr
-    assert (demo_out / "home" / "pgdata").is_dir()  # it had started one
+    assert EmbeddedCluster(demo_out / "home").status().initialized  # it had made one
     assert not EmbeddedCluster(demo_out / "home").status().running
 
 
