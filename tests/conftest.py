@@ -75,7 +75,8 @@ def _block_network() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing from the developer's shell reaches the code under test."""
-    for name in ("STACCHIP_DATABASE_URL", "STACCHIP_HOME", "AWS_BATCH_JOB_ARRAY_INDEX"):
+    for name in ("STACCHIP_DATABASE_URL", "STACCHIP_QUERY_DATABASE_URL", "STACCHIP_HOME",
+                 "AWS_BATCH_JOB_ARRAY_INDEX"):
         monkeypatch.delenv(name, raising=False)
 
 
