@@ -176,9 +176,10 @@ def fixtures_dir() -> Path:
 
 
 def run_cli(args: list[str], *, database_url: str | None = None, home: Path | None = None,
-            input: str | None = None) -> Result:
-    """Run `stacchip-db ARGS` in-process with an explicit database and home."""
-    env = {"STACCHIP_DATABASE_URL": database_url, "STACCHIP_HOME": str(home) if home else None}
+            input: str | None = None, env: dict[str, str] | None = None) -> Result:
+    """Run `stacchip-db ARGS` in-process with an explicit database and home (and `env`)."""
+    env = {"STACCHIP_DATABASE_URL": database_url, "STACCHIP_HOME": str(home) if home else None,
+           **(env or {})}
     return CliRunner().invoke(main, args, env=env, input=input, catch_exceptions=False)
 
 
