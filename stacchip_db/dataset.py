@@ -29,7 +29,7 @@ import shapely
 from psycopg import sql
 
 from stacchip_db.db import connect, translate_errors
-from stacchip_db.db.user_sql import QueryError, login_url, user_query
+from stacchip_db.db.user_sql import QueryError, check_timeout, login_url, user_query
 from stacchip_db.errors import DatabaseError
 from stacchip_db.index import item_datetime
 from stacchip_db.reader import (
@@ -121,8 +121,7 @@ def load_selection(
     """
     statement, built_params = _as_sql(query)
     params = params if params is not None else built_params
-    if statement_timeout_s <= 0:
-        raise QueryError(f"`statement_timeout_s` must be positive, not {statement_timeout_s:g}")
+    check_timeout(statement_timeout_s)
     with connect(database_url) as conn:
         login = query_database_url or login_url(conn, database_url)
         # REPEATABLE READ: the lookups below see the snapshot exported to the user's query.

@@ -106,6 +106,8 @@ def test_load_selection_guards(database_url: str, s2_items: list[dict]) -> None:
             "0 AS chip_index_x, 0 AS chip_index_y",
         )  # fmt: skip
     assert len(load_selection(database_url, ALL + " LIMIT 0")) == 0
+    with pytest.raises(QueryError, match="`statement_timeout_s` must be positive, not 0"):
+        load_selection(database_url, ALL, statement_timeout_s=0)
 
 
 def test_item_time_uses_the_time_of_day_or_noon() -> None:

@@ -186,6 +186,12 @@ class Deadline:
 # -- running it ---------------------------------------------------------------------------------
 
 
+def check_timeout(timeout_s: float) -> None:
+    """Refuse a deadline that is not positive (before anything connects)."""
+    if timeout_s <= 0:
+        raise QueryError(f"`statement_timeout_s` must be positive, not {timeout_s:g}")
+
+
 @dataclass
 class UserRows:
     """The open result of a user's query: its column names, and its rows in batches."""
@@ -222,8 +228,7 @@ def user_query(
     Raises QueryError (one line, naming `query` and `statement_timeout_s`) when the database
     refuses or fails the statement or the deadline passes.
     """
-    if timeout_s <= 0:
-        raise QueryError(f"`statement_timeout_s` must be positive, not {timeout_s:g}")
+    check_timeout(timeout_s)
     conn = connect_login(url, explicit=explicit_login)
     deadline = Deadline(conn, timeout_s)
     try:
