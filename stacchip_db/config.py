@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATABASE_URL_ENV = "STACCHIP_DATABASE_URL"
+QUERY_DATABASE_URL_ENV = "STACCHIP_QUERY_DATABASE_URL"
 HOME_ENV = "STACCHIP_HOME"
 
 
@@ -36,18 +37,21 @@ class Settings:
     """Where the database is.
 
     `database_url` is a libpq URL or keyword/value string; None means the embedded database
-    under `home`.
+    under `home`. `query_database_url` is the login user SQL runs as (`--query`), when not the
+    restricted login `db init` made (stacchip_db/db/user_sql.py).
     """
 
     database_url: str | None = None
     home: Path = Path()
+    query_database_url: str | None = None
 
     @classmethod
     def from_env(cls, database_url: str | None = None, home: str | Path | None = None) -> Settings:
         """Explicit values win over `STACCHIP_DATABASE_URL` and `STACCHIP_HOME`."""
         url = database_url or os.environ.get(DATABASE_URL_ENV) or None
         home_path = Path(home or os.environ.get(HOME_ENV) or default_home()).expanduser()
-        return cls(database_url=url, home=home_path.absolute())
+        query_url = os.environ.get(QUERY_DATABASE_URL_ENV) or None
+        return cls(database_url=url, home=home_path.absolute(), query_database_url=query_url)
 
     @property
     def embedded(self) -> bool:

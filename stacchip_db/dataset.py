@@ -2,7 +2,8 @@
 
 `load_selection` is how every exporter (prechip, stats, pictures, ChipDataset) gets its chips:
 
-- the user's SQL runs in a READ ONLY transaction with a statement timeout, through a
+- the user's SQL runs as `db.user_sql` runs user SQL: on its own least-privileged login, in a
+  READ ONLY transaction that is rolled back, under a deadline the client keeps, through a
   server-side cursor (`DECLARE … CURSOR FOR <query>`): PostgreSQL then accepts exactly one
   SELECT (or VALUES) and refuses `DELETE …`, `UPDATE …` and `SELECT …; DROP …` before running
   anything, and the read-only transaction refuses writes hidden in functions;
@@ -28,7 +29,8 @@ import shapely
 from psycopg import sql
 
 from stacchip_db.db import connect, translate_errors
-from stacchip_db.errors import DatabaseError, StacchipError
+from stacchip_db.db.user_sql import QueryError, check_timeout, login_url, user_query
+from stacchip_db.errors import DatabaseError
 from stacchip_db.index import item_datetime
 from stacchip_db.reader import (
     DATASETS,
@@ -43,10 +45,6 @@ KEY_COLUMNS = ("collection", "item_id", "chip_size", "chip_index_x", "chip_index
 
 STATEMENT_TIMEOUT_S = 300.0
 """Default time limit of a user's chip query."""
-
-
-class QueryError(StacchipError):
-    """A chip query was refused, failed, or does not return the chip key columns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +89,7 @@ def _as_sql(query: Any) -> tuple[sql.Composable, Any]:
 
     if isinstance(query, str):
         if not query.strip():
-            raise QueryError("--query is empty; pass a SELECT returning the chip key columns")
+            raise QueryError("`query` is empty; pass a SELECT returning the chip key columns")
         return sql.SQL(query.strip().rstrip(";")), None  # type: ignore[arg-type]
     if isinstance(query, ChipFilter):
         query = build_selection(query)
@@ -108,69 +106,67 @@ def load_selection(
     params: Any = None,
     *,
     statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+    query_database_url: str | None = None,
 ) -> ChipSelection:
-    """Run a chip query read-only; return its chips (query order) and their STAC items.
+    """Run a chip query as the restricted login; return its chips (query order) and items.
 
-    Raises QueryError (one line) when the database refuses or fails the query, or when it
-    does not return the `KEY_COLUMNS`, or returns chips that are not in `stacchip.chips`.
+    The query runs as `user_sql` says (its own least-privileged login, read-only, rolled back,
+    under a client-kept deadline of `statement_timeout_s` over execute and every fetch);
+    `query_database_url` replaces the login `db init` made. The chips' rows and items are then
+    read on the tool's connection, in the same snapshot the query saw.
+
+    Raises QueryError (one line) when the database refuses or fails the query, when the deadline
+    passes, when it does not return the `KEY_COLUMNS`, or returns chips that are not in
+    `stacchip.chips`; QueryLoginError when the restricted login is missing or not restricted.
     """
     statement, built_params = _as_sql(query)
     params = params if params is not None else built_params
-    if statement_timeout_s <= 0:
-        raise QueryError(f"statement timeout {statement_timeout_s} s is not positive")
+    check_timeout(statement_timeout_s)
     with connect(database_url) as conn:
+        login = query_database_url or login_url(conn, database_url)
+        # REPEATABLE READ: the lookups below see the snapshot exported to the user's query.
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
-        try:
-            with conn.transaction():
-                conn.execute(
-                    "SELECT set_config('statement_timeout', %s, true), "
-                    "set_config('search_path', 'pgstac, public', true)",
-                    (f"{int(statement_timeout_s * 1000)}ms",),
-                )
-                keys = _run_user_query(conn, statement, params)
-                with translate_errors("reading the selected chips"):
-                    rows = _chip_rows(conn, keys)
-                    items = _items(conn, sorted({r.item_key for r in rows}))
-        except psycopg.errors.QueryCanceled as exc:
-            raise QueryError(
-                f"--query was cancelled after the statement timeout of {statement_timeout_s:g} "
-                "s; make it cheaper or raise --statement-timeout"
-            ) from exc
+        with conn.transaction():
+            with translate_errors("sharing a snapshot with the chip query"):
+                snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+            keys = _run_user_query(
+                login, statement, params, statement_timeout_s, snapshot,
+                explicit_login=query_database_url is not None,
+            )  # fmt: skip
+            with translate_errors("reading the selected chips"):
+                rows = _chip_rows(conn, keys)
+                items = _items(conn, sorted({r.item_key for r in rows}))
     return ChipSelection(rows, items)
 
 
 def _run_user_query(
-    conn: psycopg.Connection, statement: sql.Composable, params: Any
+    login: str,
+    statement: sql.Composable,
+    params: Any,
+    timeout_s: float,
+    snapshot: str,
+    *,
+    explicit_login: bool,
 ) -> list[tuple[str, str, int, int, int]]:
-    try:
-        with conn.cursor(name="stacchip_chip_query") as cur:
-            cur.execute(statement, params)
-            columns = [d.name for d in cur.description or []]
-            missing = [c for c in KEY_COLUMNS if c not in columns]
-            if missing:
-                raise QueryError(
-                    f"--query does not return the chip key column(s) {', '.join(missing)} "
-                    f"(it returns {', '.join(columns) or 'nothing'}); select "
-                    f"{', '.join(KEY_COLUMNS)}"
-                )
-            where = [columns.index(c) for c in KEY_COLUMNS]
-            return [tuple(row[i] for i in where) for row in cur]  # type: ignore[misc]
-    except psycopg.errors.QueryCanceled:
-        raise
-    except psycopg.errors.ReadOnlySqlTransaction as exc:
-        raise QueryError(
-            f"--query tried to write, and chip queries are read-only: {_first_line(exc)}"
-        ) from exc
-    except psycopg.Error as exc:
-        raise QueryError(
-            f"--query must be one read-only SELECT returning {', '.join(KEY_COLUMNS)}; "
-            f"the database refused it: {_first_line(exc)}"
-        ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
+    """The chip keys the user's query returns, in its order."""
+    with user_query(
+        login, statement, params, timeout_s=timeout_s, snapshot=snapshot,
+        explicit_login=explicit_login,
+    ) as result:  # fmt: skip
+        missing = [c for c in KEY_COLUMNS if c not in result.columns]
+        if missing:
+            raise QueryError(
+                f"`query` does not return the chip key column(s) {', '.join(missing)} "
+                f"(it returns {', '.join(result.columns) or 'nothing'}); select "
+                f"{', '.join(KEY_COLUMNS)}"
+            )
+        where = [result.columns.index(c) for c in KEY_COLUMNS]
+        return [
+            tuple(row[i] for i in where)  # type: ignore[misc]
+            for batch in result.batches()
+            for row in batch
+        ]
 
 
 def _chip_rows(
@@ -194,7 +190,7 @@ def _chip_rows(
         present = {row[0] for row in found}
         first = next(k for n, k in enumerate(keys, start=1) if n not in present)
         raise QueryError(
-            f"--query returned {len(keys) - len(found)} chip(s) that are not in stacchip.chips, "
+            f"`query` returned {len(keys) - len(found)} chip(s) that are not in stacchip.chips, "
             f"e.g. {first[1]}-{first[3]}-{first[4]} of {first[0]} at chip size {first[2]}; "
             "select chips from stacchip.chips"
         )
@@ -290,7 +286,9 @@ class ChipDataset:
     first use and keeps them open (`reader.DATASETS`, keyed by href).
 
     `query` is SQL returning the chip key columns, a `selection.ChipFilter`, or a built
-    `selection.SelectionQuery` (e.g. a seeded sample); `bands`/`platform` as in prechip.
+    `selection.SelectionQuery` (e.g. a seeded sample); it runs as `load_selection` runs it
+    (restricted login, `statement_timeout_s` deadline; `query_database_url`, else
+    `STACCHIP_QUERY_DATABASE_URL`, replaces the login). `bands`/`platform` as in prechip.
     Items of `[i]`: `pixels` float32 `(C, H, W)`, `bands`, `chip_id`, `collection`, `item_id`,
     `chip_index_x`, `chip_index_y`, `chip_size`, `datetime` (ISO 8601), `lon`, `lat`
     (footprint centre, degrees), `cloud_fraction`, `nodata_fraction`, and the Clay metadata
@@ -306,15 +304,19 @@ class ChipDataset:
         bands: Sequence[str] | None = None,
         platform: str | None = None,
         statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+        query_database_url: str | None = None,
     ) -> None:
-        if database_url is None:
+        if database_url is None or query_database_url is None:
             from stacchip_db.config import Settings
             from stacchip_db.db import resolve_url
 
-            database_url = resolve_url(Settings.from_env())
+            settings = Settings.from_env()
+            database_url = database_url or resolve_url(settings)
+            query_database_url = query_database_url or settings.query_database_url
         selection = load_selection(
-            database_url, query, params, statement_timeout_s=statement_timeout_s
-        )
+            database_url, query, params, statement_timeout_s=statement_timeout_s,
+            query_database_url=query_database_url,
+        )  # fmt: skip
         self.rows = selection.rows
         self.items = selection.items
         self._bands = {c: bands_for(c, bands, platform) for c in {r.collection for r in self.rows}}

@@ -75,7 +75,8 @@ def _block_network() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing from the developer's shell reaches the code under test."""
-    for name in ("STACCHIP_DATABASE_URL", "STACCHIP_HOME", "AWS_BATCH_JOB_ARRAY_INDEX"):
+    for name in ("STACCHIP_DATABASE_URL", "STACCHIP_QUERY_DATABASE_URL", "STACCHIP_HOME",
+                 "AWS_BATCH_JOB_ARRAY_INDEX"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -175,9 +176,10 @@ def fixtures_dir() -> Path:
 
 
 def run_cli(args: list[str], *, database_url: str | None = None, home: Path | None = None,
-            input: str | None = None) -> Result:
-    """Run `stacchip-db ARGS` in-process with an explicit database and home."""
-    env = {"STACCHIP_DATABASE_URL": database_url, "STACCHIP_HOME": str(home) if home else None}
+            input: str | None = None, env: dict[str, str] | None = None) -> Result:
+    """Run `stacchip-db ARGS` in-process with an explicit database and home (and `env`)."""
+    env = {"STACCHIP_DATABASE_URL": database_url, "STACCHIP_HOME": str(home) if home else None,
+           **(env or {})}
     return CliRunner().invoke(main, args, env=env, input=input, catch_exceptions=False)
 
 

@@ -97,7 +97,7 @@ def test_a_chip_filter_selects_too(database_url: str, s2_items: list[dict]) -> N
 
 def test_load_selection_guards(database_url: str, s2_items: list[dict]) -> None:
     store_indexed(database_url, s2_items[:1], chip_size=CHIP)
-    with pytest.raises(QueryError, match="statement timeout"):
+    with pytest.raises(QueryError, match=r"deadline of 0\.2 s \(`statement_timeout_s`\)"):
         load_selection(database_url, ALL + " WHERE pg_sleep(2) IS NOT NULL",
                        statement_timeout_s=0.2)  # fmt: skip
     with pytest.raises(QueryError, match=r"not in stacchip\.chips"):
@@ -106,6 +106,8 @@ def test_load_selection_guards(database_url: str, s2_items: list[dict]) -> None:
             "0 AS chip_index_x, 0 AS chip_index_y",
         )  # fmt: skip
     assert len(load_selection(database_url, ALL + " LIMIT 0")) == 0
+    with pytest.raises(QueryError, match="`statement_timeout_s` must be positive, not 0"):
+        load_selection(database_url, ALL, statement_timeout_s=0)
 
 
 def test_item_time_uses_the_time_of_day_or_noon() -> None:

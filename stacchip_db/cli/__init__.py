@@ -35,6 +35,17 @@ LAZY_COMMANDS = {
 }
 """The root group's commands: name -> `module:attribute`, imported on first use."""
 
+PARAMETER_FLAGS = {"`query`": "--query", "`statement_timeout_s`": "--statement-timeout"}
+"""Library errors name the Python parameter in backticks; the CLI names its flag instead."""
+
+
+def cli_message(exc: StacchipError) -> str:
+    """The one line the CLI prints for a library error: flags for parameters, masked URLs."""
+    text = str(exc)
+    for parameter, flag in PARAMETER_FLAGS.items():
+        text = text.replace(parameter, flag)
+    return mask_url(text)
+
 
 class CliGroup(click.Group):
     """Root group whose `invoke` is the error boundary for every subcommand.
@@ -64,7 +75,7 @@ class CliGroup(click.Group):
             cli = ctx.find_object(CliContext)
             if cli is not None and cli.verbose:
                 traceback.print_exc(file=sys.stderr)
-            click.echo(f"Error: {mask_url(str(exc))}", err=True)
+            click.echo(f"Error: {cli_message(exc)}", err=True)
             ctx.exit(1)
 
 

@@ -41,6 +41,6 @@ def with_database(func: Callable[..., Any]) -> Callable[..., Any]:
         url = cli.database_url()
         with connect(url, autocommit=True) as conn:
             check_schema(conn, url)
-        return func(*args, db=Database(url), **kwargs)
+        return func(*args, db=Database(url, cli.settings.query_database_url), **kwargs)
 
     return wrapper

@@ -31,7 +31,8 @@ def chip_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
         "--query",
         metavar="SQL",
         help="A SELECT returning at least collection, item_id, chip_size, chip_index_x, "
-        "chip_index_y; run read-only. Instead of the filter and sample options.",
+        "chip_index_y; run read-only as a login that may only read. Instead of the filter and "
+        "sample options.",
     )
     timeout = click.option(
         "--statement-timeout",
@@ -39,7 +40,8 @@ def chip_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
         default=STATEMENT_TIMEOUT_S,
         show_default=True,
         metavar="SECONDS",
-        help="Time limit of the query selecting the chips.",
+        help="Time limit of the query selecting the chips, its execution and every fetch "
+        "(kept by the client; the query cannot change it).",
     )
     return query(timeout(selection_options()(func)))
 
@@ -58,11 +60,14 @@ def select(
                 "pass either --query SQL or filter/sample options, not both (put the filters "
                 "into the query's WHERE clause)"
             )
-        return load_selection(db.url, query, statement_timeout_s=statement_timeout)
+        return load_selection(
+            db.url, query, statement_timeout_s=statement_timeout, query_database_url=db.query_url
+        )
     built = build_selection(chip_filter, sampling)
     return load_selection(
-        db.url, built.query, built.params, statement_timeout_s=statement_timeout
-    )
+        db.url, built.query, built.params, statement_timeout_s=statement_timeout,
+        query_database_url=db.query_url,
+    )  # fmt: skip
 
 
 def band_options(func: Callable[..., Any]) -> Callable[..., Any]:

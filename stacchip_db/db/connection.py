@@ -90,10 +90,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 class Database:
-    """A database URL that passed the schema gate; commands open connections from it."""
+    """A database URL that passed the schema gate; commands open connections from it.
 
-    def __init__(self, url: str) -> None:
+    `query_url`: the login user SQL runs as, when set explicitly (`STACCHIP_QUERY_DATABASE_URL`);
+    None means the restricted login `db init` made (`stacchip_db.db.user_sql`).
+    """
+
+    def __init__(self, url: str, query_url: str | None = None) -> None:
         self.url = url
+        self.query_url = query_url
 
     @property
     def masked_url(self) -> str:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ALEMBIC_HEAD = "0006"
+ALEMBIC_HEAD = "0007"
 """The newest revision under alembic/versions/ (bump it with every new revision)."""
 SCHEMA = "stacchip"
 # Any constant works; it only has to be the same for every stacchip-db process.
