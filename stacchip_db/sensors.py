@@ -265,9 +265,18 @@ def sensor_for(collection: str, name: str | None = None) -> Sensor:
         if any(word in lowered for word in sensor.words):
             return sensor
     raise BandError(
-        f"cannot tell the platform of collection {collection!r}; pass platform "
-        f"({', '.join(SENSORS)}) or the band names"
+        f"cannot tell the platform of collection {collection!r}; pass --platform "
+        f"({', '.join(SENSORS)}) or --bands"
     )
+
+
+def collection_profile(collection: str) -> Profile:
+    """The first sensor and layout listing collection id `collection` (processors' defaults)."""
+    for sensor in SENSORS.values():
+        for layout in sensor.layouts:
+            if collection in layout.collections:
+                return Profile(sensor, layout)
+    raise BandError(f"no sensor layout lists collection {collection!r}")
 
 
 # -- recognising an item --------------------------------------------------------------------------
