@@ -8,10 +8,12 @@ pyproj to the item's CRS.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyproj
+import rasterio
 import shapely
 from affine import Affine
 from shapely.geometry import shape
@@ -44,3 +46,43 @@ def outside_mask(item: dict, transform: Affine, size: tuple[int, int]) -> np.nda
     xs = transform.a * cols + transform.b * rows + transform.c
     ys = transform.d * cols + transform.e * rows + transform.f
     return ~shapely.contains_xy(geometry, xs, ys)
+
+
+def reference_fractions(
+    item: dict,
+    asset: str,
+    chip_size: int,
+    cloud: set[int] | Callable[[np.ndarray], np.ndarray],
+    nodata: set[int] | Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """`(y, x, 2)` (cloud, nodata) fractions the original stacchip's way: upsample the band
+    to the finest grid (nearest), loop over chips.
+
+    `cloud` / `nodata` are the classes of a class band or functions of the band giving a bool
+    mask (bit flags). Pixels whose centre (on the band's grid) is outside the item's geometry
+    are nodata, never cloud.
+    """
+    grid = chip_grid(item, chip_size=chip_size)
+    with rasterio.open(item["assets"][asset]["href"]) as src:
+        band = src.read(1)
+        outside = (
+            outside_mask(item, src.transform, band.shape)
+            if item.get("geometry")
+            else np.zeros(band.shape, dtype=bool)
+        )
+    factor = grid.shape[0] // band.shape[0]
+
+    def full(a: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(a, factor, axis=0), factor, axis=1)
+
+    def hit(test: set[int] | Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        return test(band) if callable(test) else np.isin(band, list(test))
+
+    is_cloud = full(hit(cloud) & ~outside)
+    is_nodata = full(hit(nodata) | outside)
+    out = np.zeros((grid.y_size, grid.x_size, 2))
+    for y in range(grid.y_size):
+        for x in range(grid.x_size):
+            window = np.s_[y * chip_size : (y + 1) * chip_size, x * chip_size : (x + 1) * chip_size]
+            out[y, x] = is_cloud[window].mean(), is_nodata[window].mean()
+    return out.astype(np.float32)

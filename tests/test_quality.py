@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 
 from stacchip_db.errors import StacchipError
 from stacchip_db.grid import AssetGridError, chip_grid
@@ -36,7 +35,7 @@ from stacchip_db.synthetic import (
     synthesize_item,
 )
 from tests.conftest import FIXTURES
-from tests.footprints import outside_mask
+from tests.footprints import reference_fractions
 
 S2 = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 LANDSAT = "landsat-c2l2-sr-LC09_L2SR_086107_20240311_20240312_02_T2_SR.json"
@@ -51,36 +50,6 @@ def fractions(item: dict, quality: str | QualityRule, chip_size: int) -> np.ndar
     """`(y, x, 2)` array of (cloud, nodata) fractions."""
     grid = chip_grid(item, chip_size=chip_size)
     return np.stack(chip_fractions(grid, item, quality), axis=-1)
-
-
-def reference_fractions(
-    item: dict, asset: str, chip_size: int, cloud: set[int], nodata: set[int]
-) -> np.ndarray:
-    """The original stacchip's way: upsample to the finest grid (nearest), loop over chips.
-
-    Pixels whose centre (on the band's grid) is outside the item's geometry are nodata.
-    """
-    grid = chip_grid(item, chip_size=chip_size)
-    with rasterio.open(item["assets"][asset]["href"]) as src:
-        band = src.read(1)
-        outside = (
-            outside_mask(item, src.transform, band.shape)
-            if item.get("geometry")
-            else np.zeros(band.shape, dtype=bool)
-        )
-    factor = grid.shape[0] // band.shape[0]
-
-    def full(a: np.ndarray) -> np.ndarray:
-        return np.repeat(np.repeat(a, factor, axis=0), factor, axis=1)
-
-    is_cloud = full(np.isin(band, list(cloud)) & ~outside)
-    is_nodata = full(np.isin(band, list(nodata)) | outside)
-    out = np.zeros((grid.y_size, grid.x_size, 2))
-    for y in range(grid.y_size):
-        for x in range(grid.x_size):
-            window = np.s_[y * chip_size : (y + 1) * chip_size, x * chip_size : (x + 1) * chip_size]
-            out[y, x] = is_cloud[window].mean(), is_nodata[window].mean()
-    return out.astype(np.float32)
 
 
 def test_sentinel2_scl_at_20m_beside_a_10m_grid(tmp_path: Path):
