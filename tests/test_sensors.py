@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import rasterio
 import shapely
 from affine import Affine
 
@@ -22,13 +25,15 @@ from stacchip_db.quality import (
     LANDSAT_RULE,
     OUTSIDE_CELLS,
     S2_RULE,
+    NoQualityBandWarning,
     QualityError,
     chip_fractions,
     choose_rule,
 )
-from stacchip_db.sensors import profile_for
+from stacchip_db.reader import plan_reads, read_item_chips
+from stacchip_db.sensors import SENSORS, BandError, find_asset, profile_for, sensor_for
 from stacchip_db.synthetic import synthesize_item
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, run_cli
 from tests.footprints import catalog_item, catalog_items, outside_mask, reference_fractions
 
 USGS_L2 = "landsat-c2l2-sr-LC09_L2SR_086107_20240311_20240312_02_T2_SR.json"
@@ -208,3 +213,172 @@ def _scene_in_crs(item: dict, grid) -> shapely.Geometry:
     return shapely.transform(
         shape(item["geometry"]), lambda xy: np.column_stack(to_crs.transform(xy[:, 0], xy[:, 1]))
     )
+
+
+# -- exports in the platform's band order, from each catalog's keys ----------------------------
+
+PC_KEYS = dict(
+    blue="B02", green="B03", red="B04", rededge1="B05", rededge2="B06", rededge3="B07",
+    nir="B08", nir08="B8A", swir16="B11", swir22="B12",
+)  # fmt: skip
+"""How Planetary Computer and Earth Search v0 key Sentinel-2's bands (written out by hand)."""
+
+EXPORT_CASES = [
+    ("planetary-computer-sentinel-2-l2a", PC_S2, "sentinel-2-l2a", PC_KEYS),
+    ("earth-search-v0-sentinel-s2-l2a-cogs", EDGE_TILE, "sentinel-2-l2a", PC_KEYS),
+    (
+        "earth-search-v1-sentinel-2-c1-l2a", "S2B_T24MUA_20250731T130245_L2A", "sentinel-2-l2a",
+        {b: b for b in PC_KEYS},
+    ),
+    (
+        "planetary-computer-landsat-c2-l2", PC_LANDSAT, "landsat",
+        {b: b for b in ("red", "green", "blue", "nir08", "swir16", "swir22")},
+    ),
+]  # fmt: skip
+
+
+def _expected_chip(href: str, band: int, grid, x: int, y: int) -> np.ndarray:
+    """Chip (x, y) straight from the file, repeated up to the finest grid when coarser."""
+    with rasterio.open(href) as src:
+        factor = round(src.transform.a / grid.transform.a)
+        size = grid.chip_size // factor
+        data = src.read(band)[y * size : (y + 1) * size, x * size : (x + 1) * size]
+    return np.repeat(np.repeat(data, factor, axis=0), factor, axis=1)
+
+
+@pytest.mark.parametrize(("catalog", "item_id", "sensor", "keys"), EXPORT_CASES)
+def test_exports_read_each_catalogs_keys_in_the_platforms_band_order(
+    tmp_path: Path, catalog: str, item_id: str, sensor: str, keys: dict[str, str]
+) -> None:
+    raw = catalog_item(catalog, item_id)
+    item = synthesize_item(raw, tmp_path, sorted(set(keys.values())), scale=20)
+    bands = SENSORS[sensor].bands
+    assert sensor_for(raw["collection"]).name == sensor
+    grid = chip_grid(item, chip_size=32)
+    chips = [(0, 0), (grid.x_size - 1, grid.y_size - 1)]
+    got = read_item_chips(item, chips, bands, chip_size=32)
+    assert got.ok.all() and got.pixels.shape == (2, len(bands), 32, 32)
+    for position, band in enumerate(bands):
+        href = item["assets"][keys[band]]["href"]
+        for n, (x, y) in enumerate(chips):
+            np.testing.assert_array_equal(
+                got.pixels[n, position], _expected_chip(href, 1, grid, x, y), err_msg=band
+            )
+
+
+def test_naip_image_bands_from_planetary_computers_eo_bands(tmp_path: Path) -> None:
+    raw = pc_naip_items()[0]
+    item = synthesize_item(raw, tmp_path, ["image"], scale=20)
+    reads = plan_reads(item, SENSORS["naip"].bands)
+    assert [(r.asset, r.indexes) for r in reads] == [("image", (1, 2, 3, 4))]
+    grid = chip_grid(item, chip_size=32)
+    got = read_item_chips(item, [(1, 1)], SENSORS["naip"].bands, chip_size=32)
+    for i in range(4):
+        expected = _expected_chip(item["assets"]["image"]["href"], i + 1, grid, 1, 1)
+        np.testing.assert_array_equal(got.pixels[0, i], expected)
+
+
+def test_find_asset_matches_case_and_file_extension() -> None:
+    assets = {"QA_PIXEL.TIF": {}, "SCL": {}, "red": {}}
+    assert find_asset(assets, "qa_pixel") == "QA_PIXEL.TIF"
+    assert find_asset(assets, "scl") == "SCL" and find_asset(assets, "red") == "red"
+    assert find_asset(assets, "nir") is None
+
+
+# -- the index command: rule per collection, warning once, --quality-asset -------------------
+
+
+def _write_ndjson(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+def test_index_reports_rules_per_collection_and_warns_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    pc = synthesize_item(catalog_item("planetary-computer-sentinel-2-l2a", PC_S2),
+                         tmp_path / "pc", ["SCL"], scale=10)  # fmt: skip
+    drones = []
+    for n in range(2):  # a layout no catalog profile knows: S2 bands under other names
+        drone = copy.deepcopy(pc)
+        drone["id"], drone["collection"] = f"drone-{n}", "drone-survey"
+        drone["assets"] = {"mask": drone["assets"]["SCL"], "band-1": drone["assets"]["B02"]}
+        drones.append(drone)
+    path = _write_ndjson(tmp_path / "items.ndjson", [pc, *drones])
+    result = run_cli(["index", "--chip-size", "64", "--json", str(path)],
+                     database_url=database_url)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["quality"] == [
+        {"collection": "drone-survey", "rule": "none", "asset": None, "profile": None, "items": 2},
+        {"collection": "sentinel-2-l2a", "rule": "s2", "asset": "SCL",
+         "profile": "sentinel-2-l2a (planetary-computer/earth-search-v0)", "items": 1},
+    ]  # fmt: skip
+    warned = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warned) == 1 and "collection 'drone-survey'" in warned[0]
+    assert "--quality-asset" in warned[0] and summary["warnings"] == [warned[0][9:]]
+    # The text summary says the same, one line per collection and rule.
+    text = run_cli(["index", "--chip-size", "64", str(path)], database_url=database_url)
+    assert "sentinel-2-l2a: quality s2 on asset SCL" in text.stdout
+    assert "drone-survey: quality none, 2 items" in text.stdout
+    # Naming the band: the rule must be named too, since no profile says what `mask` holds.
+    bad = run_cli(["index", "--chip-size", "64", "--quality-asset", "mask", str(path)],
+                  database_url=database_url)  # fmt: skip
+    assert bad.exit_code == 1 and "--quality-asset 'mask' is given but no rule" in bad.stderr
+    named = run_cli(
+        ["index", "--chip-size", "64", "--quality", "s2", "--quality-asset", "mask", "--json",
+         str(_write_ndjson(tmp_path / "drones.ndjson", drones))],
+        database_url=database_url,
+    )  # fmt: skip
+    assert named.exit_code == 0, named.output
+    rows = json.loads(named.stdout)["quality"]
+    assert [(r["rule"], r["asset"], r["items"]) for r in rows] == [("s2", "mask", 2)]
+    assert "Warning" not in named.stderr
+
+
+def test_index_item_warns_for_an_unknown_layout() -> None:
+    item = catalog_item("planetary-computer-sentinel-2-l2a", PC_S2)
+    item["assets"]["scene"] = item["assets"].pop("SCL")
+    item["collection"] = "my-copy"
+    with pytest.warns(NoQualityBandWarning, match="collection 'my-copy'.*keeps it in 'SCL'"):
+        table = index_item(item, chip_size=512)
+    profile = "sentinel-2-l2a (planetary-computer/earth-search-v0)"  # known by its band keys
+    assert quality_used(table) == {"rule": "none", "asset": None, "profile": profile,
+                                   "found": False}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a known layout does not warn
+        assert quality_used(index_item(pc_naip_items()[0], chip_size=512))["found"]
+
+
+def test_prechip_and_stats_on_planetary_computer_items_with_no_flags(
+    database_url: str, tmp_path: Path
+) -> None:
+    item = synthesize_item(catalog_item("planetary-computer-sentinel-2-l2a", PC_S2), tmp_path,
+                           ["SCL", *PC_KEYS.values()], scale=20)  # fmt: skip
+    path = _write_ndjson(tmp_path / "items.ndjson", [item])
+    assert run_cli(["index", "--chip-size", "32", str(path)],
+                   database_url=database_url).exit_code == 0  # fmt: skip
+    query = "SELECT * FROM stacchip.chips ORDER BY chip_index_y, chip_index_x LIMIT 4"
+    out = tmp_path / "cubes"
+    result = run_cli(["prechip", "--query", query, "--out", str(out), "--cube-size", "4"],
+                     database_url=database_url)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cube = np.load(out / "sentinel-2-l2a" / "cube_0.npz")
+    rows = pq.read_table(out / "sentinel-2-l2a" / "manifest.parquet").to_pylist()
+    grid = chip_grid(item, chip_size=32)
+    for row in rows:
+        x, y = row["chip_index_x"], row["chip_index_y"]
+        for position, band in enumerate(SENSORS["sentinel-2-l2a"].bands):
+            expected = _expected_chip(item["assets"][PC_KEYS[band]]["href"], 1, grid, x, y)
+            np.testing.assert_array_equal(cube["pixels"][row["row"], position], expected)
+    stats = run_cli(["stats", "--query", query], database_url=database_url)
+    assert stats.exit_code == 0, stats.output
+    assert "rededge1" in stats.stdout and "swir22" in stats.stdout
+
+
+def test_unknown_band_names_the_item_and_its_assets() -> None:
+    item = catalog_item("earth-search-v0-sentinel-s2-l2a-cogs", EDGE_TILE)
+    with pytest.raises(BandError, match="no asset or named band for thermal") as info:
+        plan_reads(item, ["red", "thermal"])
+    assert EDGE_TILE in str(info.value) and "B03" in str(info.value)  # lists what it has
+    assert plan_reads(item, ["red"])[0].asset == "B04"  # was: "no asset or named band for red"
