@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import shapely
 from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
@@ -420,6 +421,38 @@ def _burn_outside(band: np.ndarray, outside: Any, transform: Affine, fill: float
     np.copyto(band[row0:row1, col0:col1], band.dtype.type(fill), where=mask.view(bool))
 
 
+def _chip_boxes(grid: ChipGrid) -> np.ndarray:
+    """Every chip's footprint as a shapely Polygon in the grid's CRS, ordered by y then x."""
+    xs, ys = grid.indices()
+    cols = np.stack([xs, xs + 1, xs + 1, xs], axis=1) * float(grid.chip_size)
+    rows = np.stack([ys, ys, ys + 1, ys + 1], axis=1) * float(grid.chip_size)
+    t = grid.transform
+    corners = np.stack([t.a * cols + t.b * rows + t.c, t.d * cols + t.e * rows + t.f], axis=-1)
+    return shapely.polygons(corners)
+
+
+def _split_chips(grid: ChipGrid, outside: Any) -> tuple[np.ndarray, Any]:
+    """`(chips wholly outside as a (y_size, x_size) bool array, the part of `outside` lying in
+    chips partly outside, or None)`.
+
+    Chips are sorted out by vector tests over all chips at once, so only chips the geometry's
+    edge crosses are rasterized: on an edge tile most chips are wholly outside, and
+    rasterizing that area pixel by pixel would cost more than reading the band.
+    """
+    boxes = _chip_boxes(grid)
+    shapely.prepare(outside)
+    empty = shapely.contains(outside, boxes)
+    partial = ~empty & shapely.intersects(outside, boxes)
+    crossed = (
+        shapely.intersection(outside, shapely.union_all(boxes[partial]))
+        if partial.any()
+        else None
+    )
+    if crossed is not None and crossed.is_empty:
+        crossed = None
+    return empty.reshape(grid.y_size, grid.x_size), crossed
+
+
 def _box_corners(bounds: tuple[float, float, float, float]) -> list[tuple[float, float]]:
     left, bottom, right, top = bounds
     return [(left, bottom), (left, top), (right, bottom), (right, top)]
@@ -483,15 +516,18 @@ def chip_fractions(
         )
     band = read_quality_band(grid, view.assets[rule.asset]["href"], asset=rule.asset)
     extra = None
+    empty = None
     if outside is not None:
         if _fits(rule.fill, band.dtype):
-            if not band.flags.writeable:
-                band = band.copy()
-            height, width = band.shape
-            scale = Affine.scale(
-                grid.x_size * grid.chip_size / width, grid.y_size * grid.chip_size / height
-            )
-            _burn_outside(band, outside, grid.transform @ scale, rule.fill)  # type: ignore[arg-type]
+            empty, crossed = _split_chips(grid, outside)
+            if crossed is not None:
+                if not band.flags.writeable:
+                    band = band.copy()
+                height, width = band.shape
+                scale = Affine.scale(
+                    grid.x_size * grid.chip_size / width, grid.y_size * grid.chip_size / height
+                )
+                _burn_outside(band, crossed, grid.transform @ scale, rule.fill)  # type: ignore[arg-type]
         else:  # no value of this band means nodata to the rule: the larger of the two
             extra = outside_fractions(grid, outside)
     try:
@@ -500,4 +536,6 @@ def chip_fractions(
         raise QualityError(f"item {view.id}: asset {rule.asset!r}: {e}") from e
     if extra is not None:
         nodata = np.maximum(nodata, extra)
+    if empty is not None:  # every pixel centre of these chips is outside
+        cloud[empty], nodata[empty] = 0.0, 1.0
     return cloud, nodata

@@ -318,14 +318,12 @@ def profile_for(item: Any) -> Profile | None:
     """
     view = item_view(item)
     collection = view.collection
+    normal = {_normal(key) for key in view.assets}  # one pass over the keys, not one per lookup
     best: tuple[tuple[bool, bool, int], Profile] | None = None
     for sensor in SENSORS.values():
         for layout in sensor.layouts:
-            keys = _layout_keys(layout)
-            present = sum(find_asset(view.assets, key) is not None for key in keys)
-            complete = all(
-                find_asset(view.assets, key) is not None for key, _ in layout.bands.values()
-            )
+            present = sum(_normal(key) in normal for key in _layout_keys(layout))
+            complete = all(_normal(key) in normal for key, _ in layout.bands.values())
             listed = collection in layout.collections
             if not (complete or listed):
                 continue
