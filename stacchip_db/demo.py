@@ -184,9 +184,11 @@ def synthesize_assets(out_dir: Path, *, s2_scale: int = 10, naip_scale: int = 20
     }
 
 
-def collection_document(fixture: str, collection_id: str) -> dict[str, Any]:
-    """A fixture collection document under another id."""
-    document = _json(fixtures_dir() / fixture)
+def collection_document(
+    fixture: str, collection_id: str, directory: Path | None = None
+) -> dict[str, Any]:
+    """A fixture collection document (from `directory`, else the demo's) under another id."""
+    document = _json((directory or fixtures_dir()) / fixture)
     document["id"] = collection_id
     document["links"] = []
     return document

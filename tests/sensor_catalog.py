@@ -34,8 +34,9 @@ import pytest
 import rasterio
 from affine import Affine
 
-from stacchip_db.demo import StacApiServer, collection_document, fixtures_dir, load_catalog
+from stacchip_db.demo import StacApiServer, collection_document, load_catalog
 from stacchip_db.synthetic import modis_qc_pattern, scene_masks, synthesize_item, write_cog
+from tests.conftest import FIXTURES
 
 LANDSAT_FIXTURE = "landsat-c2l2-sr-LC09_L2SR_086107_20240311_20240312_02_T2_SR.json"
 LANDSAT_COLLECTION_FIXTURE = "landsat-c2-l2-collection.json"
@@ -77,7 +78,7 @@ def quarter_of(item: dict[str, Any]) -> tuple[int, int]:
 
 
 def _landsat_bases(out_dir: Path) -> dict[str, dict[str, Any]]:
-    fixture = json.loads((fixtures_dir() / LANDSAT_FIXTURE).read_text())
+    fixture = json.loads((FIXTURES / LANDSAT_FIXTURE).read_text())
     l1 = copy.deepcopy(fixture)
     l1["collection"] = L1
     height, width = fixture["properties"]["proj:shape"]
@@ -374,7 +375,7 @@ def sensor_api(
     name = pg_server.new_name("sensor_source")
     url = pg_server.create(name)
     collections = [
-        collection_document(LANDSAT_COLLECTION_FIXTURE, collection)
+        collection_document(LANDSAT_COLLECTION_FIXTURE, collection, FIXTURES)
         for collection in (L1, L2, S1, MODIS)
     ]
     load_catalog(url, collections, [item for group in items.values() for item in group])
