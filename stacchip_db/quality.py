@@ -431,26 +431,36 @@ def _chip_boxes(grid: ChipGrid) -> np.ndarray:
     return shapely.polygons(corners)
 
 
-def _split_chips(grid: ChipGrid, outside: Any) -> tuple[np.ndarray, Any]:
-    """`(chips wholly outside as a (y_size, x_size) bool array, the part of `outside` lying in
-    chips partly outside, or None)`.
+def _split_chips(grid: ChipGrid, outside: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`(empty, crossed)`: bool `(y_size, x_size)` arrays of the chips wholly inside `outside`
+    and of those its edge crosses.
 
-    Chips are sorted out by vector tests over all chips at once, so only chips the geometry's
-    edge crosses are rasterized: on an edge tile most chips are wholly outside, and
-    rasterizing that area pixel by pixel would cost more than reading the band.
+    Vector tests over all chips at once, so that only crossed chips are rasterized: on an
+    edge tile most chips are wholly outside, and a geometry 1 m inside a full tile's edge
+    crosses a row and a column of chips but no pixel of the others.
     """
     boxes = _chip_boxes(grid)
     shapely.prepare(outside)
     empty = shapely.contains(outside, boxes)
-    partial = ~empty & shapely.intersects(outside, boxes)
-    crossed = (
-        shapely.intersection(outside, shapely.union_all(boxes[partial]))
-        if partial.any()
-        else None
-    )
-    if crossed is not None and crossed.is_empty:
-        crossed = None
-    return empty.reshape(grid.y_size, grid.x_size), crossed
+    crossed = ~empty & shapely.intersects(outside, boxes)
+    shape = (grid.y_size, grid.x_size)
+    return empty.reshape(shape), crossed.reshape(shape)
+
+
+def _burn_crossed(
+    band: np.ndarray, outside: Any, transform: Affine, fill: float, crossed: np.ndarray
+) -> None:
+    """`_burn_outside` over the crossed chips only: one window per run of adjacent crossed
+    chips in a chip row (a row at a time, like `band_fractions`), not the whole band."""
+    ny, nx = crossed.shape
+    per_y, per_x = band.shape[0] // ny, band.shape[1] // nx
+    for y in np.flatnonzero(crossed.any(axis=1)):
+        columns = np.flatnonzero(crossed[y])
+        for run in np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1):
+            rows = slice(y * per_y, (y + 1) * per_y)
+            cols = slice(run[0] * per_x, (run[-1] + 1) * per_x)
+            window = transform @ Affine.translation(cols.start, rows.start)
+            _burn_outside(band[rows, cols], outside, window, fill)
 
 
 def _box_corners(bounds: tuple[float, float, float, float]) -> list[tuple[float, float]]:
@@ -520,14 +530,15 @@ def chip_fractions(
     if outside is not None:
         if _fits(rule.fill, band.dtype):
             empty, crossed = _split_chips(grid, outside)
-            if crossed is not None:
+            if crossed.any():
                 if not band.flags.writeable:
                     band = band.copy()
                 height, width = band.shape
                 scale = Affine.scale(
                     grid.x_size * grid.chip_size / width, grid.y_size * grid.chip_size / height
                 )
-                _burn_outside(band, crossed, grid.transform @ scale, rule.fill)  # type: ignore[arg-type]
+                fill = float(rule.fill)  # type: ignore[arg-type]
+                _burn_crossed(band, outside, grid.transform @ scale, fill, crossed)
         else:  # no value of this band means nodata to the rule: the larger of the two
             extra = outside_fractions(grid, outside)
     try:
