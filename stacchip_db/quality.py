@@ -7,7 +7,7 @@ the codes per chip with reshape + sum, a chip row at a time: no per-chip Python 
 per-chip file access, and no upsampling of a 20 m band to the 10 m grid (the fractions are
 those of a nearest-neighbour upsampling, at a quarter of the memory).
 
-| rule | asset | nodata | cloud |
+| rule | asset (as Earth Search v1 keys it) | nodata | cloud |
 | --- | --- | --- | --- |
 | `s2` | `scl` | class 0 | classes 1, 3, 8, 9, 10 |
 | `landsat` | `qa_pixel` | bit 0 | bits 1, 3, 4 (dilated cloud, cloud, shadow) |
@@ -16,6 +16,11 @@ those of a nearest-neighbour upsampling, at a quarter of the memory).
 | `none` | - | never | never |
 
 The MODIS row follows the original stacchip's code (bits 0-1 == 0b01); see `MODIS_RULE`.
+
+Which rule and which asset key an item gets is `choose_rule`'s: `auto` asks the sensor
+registry (`sensors.profile_for`) for the item's sensor and catalog layout, so Planetary
+Computer's `SCL` is read with the `s2` rule as Earth Search's `scl` is. Whatever the rule,
+pixels outside the item's geometry are nodata (`chip_fractions`).
 """
 
 from __future__ import annotations
