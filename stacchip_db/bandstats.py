@@ -28,7 +28,8 @@ import yaml
 from stacchip_db.dataset import ChipSelection
 from stacchip_db.errors import StacchipError
 from stacchip_db.prechip import ReadTask, TaskResult, plan_cubes, read_tasks, run_tasks
-from stacchip_db.reader import PLATFORMS, platform_for, read_item_chips
+from stacchip_db.reader import read_item_chips
+from stacchip_db.sensors import SENSORS, sensor_for
 
 
 class StatsError(StacchipError):
@@ -139,7 +140,7 @@ def merge_all(parts: Iterable[BandStats]) -> BandStats | None:
 def _group_name(collection: str, platform: str | None) -> str:
     """The key statistics are grouped under: the platform, else the collection."""
     try:
-        return platform_for(collection, platform).name
+        return sensor_for(collection, platform).name
     except StacchipError:
         if platform is not None:
             raise
@@ -148,7 +149,7 @@ def _group_name(collection: str, platform: str | None) -> str:
 
 def _nodata(collection: str, platform: str | None) -> float:
     try:
-        return platform_for(collection, platform).nodata
+        return sensor_for(collection, platform).nodata
     except StacchipError:
         return 0
 
@@ -226,7 +227,7 @@ def cube_stats(
         names = (
             list(bands)
             if bands
-            else _manifest_bands(folder) or list(platform_for(collection, platform).bands)
+            else _manifest_bands(folder) or list(sensor_for(collection, platform).bands)
         )
         nodata = _nodata(collection, platform)
         group = _group_name(collection, platform) if not bands else collection
@@ -253,7 +254,7 @@ def to_clay_yaml(groups: dict[str, BandStats]) -> str:
     document: dict[str, Any] = {}
     for name, stats in groups.items():
         entry: dict[str, Any] = {"band_order": list(stats.bands)}
-        known = PLATFORMS.get(name)
+        known = SENSORS.get(name)
         if known is not None and all(b in stats.bands for b in known.rgb):
             entry["rgb_indices"] = [stats.bands.index(b) for b in known.rgb]
         rows = stats.rows()

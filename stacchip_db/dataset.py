@@ -36,9 +36,9 @@ from stacchip_db.reader import (
     DATASETS,
     AssetRead,
     plan_reads,
-    platform_for,
     read_chip,
 )
+from stacchip_db.sensors import sensor_for
 
 KEY_COLUMNS = ("collection", "item_id", "chip_size", "chip_index_x", "chip_index_y")
 """Columns a chip query must return: the key of `stacchip.chips`."""
@@ -271,7 +271,7 @@ def bands_for(collection: str, bands: Sequence[str] | None, platform: str | None
     """The bands to read for a collection: `bands`, else its platform's band order."""
     if bands:
         return list(bands)
-    return list(platform_for(collection, platform).bands)
+    return list(sensor_for(collection, platform).bands)
 
 
 # -- ChipDataset --------------------------------------------------------------------------------

@@ -92,6 +92,8 @@ class ItemView:
     id: str
     properties: Mapping[str, Any]
     assets: Mapping[str, Mapping[str, Any]]
+    collection: str = ""
+    geometry: Mapping[str, Any] | None = None
 
 
 def item_view(item: Any) -> ItemView:
@@ -103,6 +105,8 @@ def item_view(item: Any) -> ItemView:
             id=str(item.get("id", "<no id>")),
             properties=item.get("properties") or {},
             assets=item.get("assets") or {},
+            collection=str(item.get("collection") or ""),
+            geometry=item.get("geometry"),
         )
     assets: dict[str, dict[str, Any]] = {}
     for key, asset in item.assets.items():
@@ -114,7 +118,13 @@ def item_view(item: Any) -> ItemView:
             href = asset.get_absolute_href() or href
         fields["href"] = href
         assets[key] = fields
-    return ItemView(id=str(item.id), properties=item.properties, assets=assets)
+    return ItemView(
+        id=str(item.id),
+        properties=item.properties,
+        assets=assets,
+        collection=str(item.collection_id or ""),
+        geometry=item.geometry,
+    )
 
 
 def _crs_from_fields(fields: Mapping[str, Any], item_id: str, where: str) -> pyproj.CRS | None:
@@ -247,6 +257,12 @@ def item_georeference(
         _as_transform(transform_value, view.id, where),
         source,
     )
+
+
+@lru_cache(maxsize=32)
+def _from_wgs84(crs: pyproj.CRS) -> pyproj.Transformer:
+    """The transformer from EPSG:4326 (lon, lat) to `crs`, built once per CRS."""
+    return pyproj.Transformer.from_crs(_WGS84, crs, always_xy=True)
 
 
 @lru_cache(maxsize=32)
@@ -460,3 +476,46 @@ def asset_transform(item: Any, key: str) -> Affine:
             f"item {view.id}: neither asset {key!r} nor the item has proj:transform; add it"
         )
     return _as_transform(value, view.id, f"asset {key!r}")
+
+
+def outside_footprint(grid: ChipGrid, item: Any) -> Any:
+    """The chipped area outside the item's `geometry`, a shapely geometry in the grid's CRS.
+
+    None when the item has no geometry or the geometry covers every chip. The pixel grid
+    (`proj:shape`) is a rectangle; the scene's data is often a smaller shape inside it (an
+    orbit's edge cutting a Sentinel-2 tile, a Landsat scene turned on its grid). Vertices are
+    reprojected one by one, without densifying the lon/lat edges: catalogs write geometries by
+    reprojecting the native footprint's vertices, so this gives back its straight native edges
+    (densified lon/lat edges would cut slivers off full scenes).
+    """
+    import shapely  # geometry objects only here; the index's footprints are written by numpy
+    from shapely.geometry import shape
+
+    geometry = item_view(item).geometry
+    if not geometry:
+        return None
+    try:
+        footprint = shape(geometry)
+    except (AttributeError, KeyError, TypeError, ValueError, shapely.errors.ShapelyError) as e:
+        raise GridError(
+            f"item {grid.item_id}: geometry is not a GeoJSON geometry ({e}); fix the item"
+        ) from e
+    transformer = _from_wgs84(grid.crs)
+
+    def to_crs(lonlat: np.ndarray) -> np.ndarray:
+        x, y = transformer.transform(lonlat[:, 0], lonlat[:, 1], errcheck=False)
+        return np.column_stack([x, y])
+
+    native = shapely.transform(footprint, to_crs)
+    if not np.isfinite(shapely.get_coordinates(native)).all():
+        raise GridError(
+            f"item {grid.item_id}: its geometry cannot be reprojected to "
+            f"{grid.crs.to_string()!r}; check the item's geometry and CRS"
+        )
+    if not native.is_valid:
+        native = shapely.make_valid(native)
+    width, height = grid.x_size * grid.chip_size, grid.y_size * grid.chip_size
+    t = grid.transform
+    chipped = shapely.Polygon([t @ (0, 0), t @ (width, 0), t @ (width, height), t @ (0, height)])
+    outside = chipped.difference(native)
+    return None if outside.is_empty else outside

@@ -7,6 +7,7 @@ benchmarks and the processors use it alone.
 
 from __future__ import annotations
 
+import warnings
 from datetime import datetime
 from typing import Any
 
@@ -15,7 +16,7 @@ import pyarrow as pa
 
 from stacchip_db.errors import StacchipError
 from stacchip_db.grid import CHIP_SIZE, chip_grid, item_view
-from stacchip_db.quality import QualityRule, chip_fractions
+from stacchip_db.quality import NoQualityBandWarning, QualityRule, chip_fractions, choose_rule
 
 CHIP_SCHEMA = pa.schema(
     [
@@ -44,18 +45,25 @@ def index_item(
     chip_size: int = CHIP_SIZE,
     max_nodata: float = MAX_NODATA,
     shape: tuple[int, int] | None = None,
+    quality_asset: str | None = None,
 ) -> pa.Table:
     """The chips of a STAC item (pystac Item or dict) as a `CHIP_SCHEMA` table.
 
     Chips with `nodata_fraction > max_nodata` are dropped (as in the original stacchip);
     rows are ordered by `chip_index_y`, then `chip_index_x`. `quality` is a rule name
     (`auto`, `s2`, `landsat`, `modis`, `none`, or one registered with
-    `stacchip_db.quality.register_rule`) or a `QualityRule`.
+    `stacchip_db.quality.register_rule`) or a `QualityRule`; `quality_asset` names the key of
+    the quality band when the catalog's layout is not known. The part of a chip outside the
+    item's geometry counts as nodata. Which rule and asset were used is in the table's schema
+    metadata (`quality_used`); `auto` finding no quality band warns (`NoQualityBandWarning`).
     """
     if not 0.0 <= max_nodata <= 1.0:
         raise StacchipError(f"max_nodata {max_nodata!r} is not a fraction between 0 and 1")
     grid = chip_grid(item, chip_size=chip_size, shape=shape)
-    cloud, nodata = (a.ravel() for a in chip_fractions(grid, item, quality))
+    choice = choose_rule(quality, item, quality_asset=quality_asset)
+    if choice.warning:
+        warnings.warn(choice.warning, NoQualityBandWarning, stacklevel=2)
+    cloud, nodata = (a.ravel() for a in chip_fractions(grid, item, choice))
     keep = np.flatnonzero(nodata <= np.float32(max_nodata))
     xs, ys = grid.indices()
     footprints = grid.footprints_wkb(keep)  # only for kept chips: the largest column
@@ -67,8 +75,39 @@ def index_item(
             _fixed_width(nodata[keep], pa.float32(), np.float32),
             _binary(footprints),
         ],
-        schema=CHIP_SCHEMA,
+        schema=CHIP_SCHEMA.with_metadata(
+            {
+                QUALITY_KEY: choice.rule.name,
+                QUALITY_ASSET_KEY: choice.rule.asset or "",
+                PROFILE_KEY: choice.profile or "",
+                QUALITY_FOUND_KEY: "true" if choice.found else "false",
+            }
+        ),
     )
+
+
+QUALITY_KEY, QUALITY_ASSET_KEY, PROFILE_KEY, QUALITY_FOUND_KEY = (
+    b"stacchip:quality",
+    b"stacchip:quality_asset",
+    b"stacchip:profile",
+    b"stacchip:quality_found",
+)
+"""Schema metadata of `index_item`'s table: the rule, its asset, the item's profile."""
+
+
+def quality_used(chips: pa.Table) -> dict[str, Any]:
+    """`{"rule", "asset", "profile", "found"}` an `index_item` table was computed with.
+
+    `asset` and `profile` are None when there was none; `found` is False when `auto` found no
+    quality band.
+    """
+    meta = chips.schema.metadata or {}
+    return {
+        "rule": meta.get(QUALITY_KEY, b"").decode() or None,
+        "asset": meta.get(QUALITY_ASSET_KEY, b"").decode() or None,
+        "profile": meta.get(PROFILE_KEY, b"").decode() or None,
+        "found": meta.get(QUALITY_FOUND_KEY, b"true") == b"true",
+    }
 
 
 # Arrow arrays are built from buffers: `pa.array(ndarray)` imports pandas on first use (a

@@ -20,7 +20,8 @@ import shapely
 
 from stacchip_db.dataset import ChipSelection
 from stacchip_db.errors import StacchipError
-from stacchip_db.reader import platform_for, read_item_chips
+from stacchip_db.reader import read_item_chips
+from stacchip_db.sensors import sensor_for
 
 MAX_PREVIEW = 16
 """Default number of chips in a preview."""
@@ -81,7 +82,7 @@ def preview_png(
         positions, key=lambda p: (rows[p].item_key, rows[p].chip_size)
     ):
         members = list(group)
-        known = platform_for(key[0], platform)
+        known = sensor_for(key[0], platform)
         bands = list(rgb) if rgb else list(known.rgb)
         got = read_item_chips(
             selection.items[key],

@@ -7,7 +7,7 @@ the codes per chip with reshape + sum, a chip row at a time: no per-chip Python 
 per-chip file access, and no upsampling of a 20 m band to the 10 m grid (the fractions are
 those of a nearest-neighbour upsampling, at a quarter of the memory).
 
-| rule | asset | nodata | cloud |
+| rule | asset (as Earth Search v1 keys it) | nodata | cloud |
 | --- | --- | --- | --- |
 | `s2` | `scl` | class 0 | classes 1, 3, 8, 9, 10 |
 | `landsat` | `qa_pixel` | bit 0 | bits 1, 3, 4 (dilated cloud, cloud, shadow) |
@@ -16,23 +16,32 @@ those of a nearest-neighbour upsampling, at a quarter of the memory).
 | `none` | - | never | never |
 
 The MODIS row follows the original stacchip's code (bits 0-1 == 0b01); see `MODIS_RULE`.
+
+Which rule and which asset key an item gets is `choose_rule`'s: `auto` asks the sensor
+registry (`sensors.profile_for`) for the item's sensor and catalog layout, so Planetary
+Computer's `SCL` is read with the `s2` rule as Earth Search's `scl` is. Whatever the rule,
+pixels outside the item's geometry are nodata (`chip_fractions`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import rasterio
+import shapely
+from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
+from rasterio.features import rasterize
 
 from stacchip_db.errors import StacchipError
-from stacchip_db.grid import ChipGrid, item_view
+from stacchip_db.grid import ChipGrid, ItemView, item_view, outside_footprint
+from stacchip_db.sensors import Profile, asset_nodata, find_asset, profile_for, quality_keys
 
 CLOUD = np.uint8(1)
 """Code bit of a cloudy pixel."""
@@ -56,13 +65,15 @@ class QualityRule:
     maps a 2D array of that band to uint8 codes of the same shape (bit 0 cloud, bit 1 nodata).
     `pair_lut`, optional, is a fast path for uint8 bands: 65536 codes of two horizontally
     adjacent pixels read as one uint16 (bits 0-1: their cloud count, bits 2-3: their nodata
-    count), which halves the lookups, the biggest cost of a Sentinel-2 index.
+    count), which halves the lookups, the biggest cost of a Sentinel-2 index. `fill`, a band
+    value the rule reads as nodata, is what pixels outside the item's geometry become.
     """
 
     name: str
     asset: str | None
     classify: Callable[[np.ndarray], np.ndarray] | None
     pair_lut: np.ndarray | None = None
+    fill: float | None = None
 
 
 def lookup_classifier(lut: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -102,13 +113,15 @@ def class_rule(name: str, asset: str, *, nodata: set[int], cloud: set[int]) -> Q
     pair_lut = (clouds[pair & 0xFF] + clouds[pair >> 8]) | (
         (nodatas[pair & 0xFF] + nodatas[pair >> 8]) << 2
     )
-    return QualityRule(name, asset, lookup_classifier(lut), pair_lut.astype(np.uint8))
+    fill = min(nodata) if nodata else None
+    return QualityRule(name, asset, lookup_classifier(lut), pair_lut.astype(np.uint8), fill)
 
 
 def bits_rule(name: str, asset: str, *, bits: int, code: Callable[[int], int]) -> QualityRule:
     """Rule for a bit-flag band: `code(v)` gives the code of the low `bits` bits' value `v`."""
     lut = np.array([code(v) for v in range(1 << bits)], dtype=np.uint8)
-    return QualityRule(name, asset, lookup_classifier(lut))
+    fill = next((v for v in range(1 << bits) if lut[v] == NODATA), None)
+    return QualityRule(name, asset, lookup_classifier(lut), fill=fill)
 
 
 def nodata_value_rule(asset: str, value: float, *, name: str = "nodata") -> QualityRule:
@@ -121,7 +134,7 @@ def nodata_value_rule(asset: str, value: float, *, name: str = "nodata") -> Qual
         hit = np.isnan(values) if math.isnan(value) else values == value
         return hit.view(np.uint8) * NODATA
 
-    return QualityRule(name, asset, classify)
+    return QualityRule(name, asset, classify, fill=value)
 
 
 S2_RULE = class_rule("s2", "scl", nodata={0}, cloud={1, 3, 8, 9, 10})
@@ -166,21 +179,136 @@ for _rule in (S2_RULE, LANDSAT_RULE, MODIS_RULE, NONE_RULE):
     register_rule(_rule)
 
 
-def resolve_rule(quality: str | QualityRule, item: Any) -> QualityRule:
-    """The rule object for `quality`: a rule, a registered name, or `auto` (from the assets)."""
-    if isinstance(quality, QualityRule):
-        return quality
-    if quality == "auto":
-        assets = item_view(item).assets
-        for name in AUTO_ORDER:
-            if RULES[name].asset in assets:
-                return RULES[name]
+class NoQualityBandWarning(UserWarning):
+    """`quality='auto'` found no quality band: fractions come from the footprint alone."""
+
+
+@dataclass(frozen=True)
+class QualityChoice:
+    """The rule an item is indexed with, and why.
+
+    `profile` names the recognised sensor and catalog layout (None: not recognised);
+    `found` is False when `auto` looked for a quality band and found none, so cloud fractions
+    are 0 and nodata comes only from the item's geometry (`warning` says so).
+    """
+
+    rule: QualityRule
+    profile: str | None = None
+    found: bool = True
+    warning: str | None = None
+
+
+def _bound(rule: QualityRule, asset: str) -> QualityRule:
+    """`rule` reading asset `asset` (the same object when the key is the rule's own)."""
+    return rule if rule.asset == asset else replace(rule, asset=asset)
+
+
+def profile_rule(profile: Profile, item: Any = None, *, asset: str | None = None) -> QualityRule:
+    """The quality rule of a recognised sensor, on the item's own key for its quality asset.
+
+    Without `item`, on the layout's key. `nodata` sensors (Sentinel-1, LINZ) read the value
+    from the asset's `raster:bands`, else take the sensor's. Raises QualityError when the
+    item has no such asset.
+    """
+    sensor, layout = profile.sensor, profile.layout
+    if sensor.quality == "none" and asset is None:
         return NONE_RULE
+    fields: Mapping[str, Any] = {}
+    key = asset or layout.quality_asset
+    if item is not None and key is not None:
+        view = item_view(item)
+        found = find_asset(view.assets, key)
+        if found is None:
+            raise QualityError(
+                f"item {view.id}: {profile.name} keeps its quality band in asset {key!r}, which "
+                f"the item does not have (assets: {', '.join(sorted(view.assets))}); name the "
+                "band with quality_asset or pick another rule"
+            )
+        key, fields = found, view.assets[found]
+    if key is None or sensor.quality == "none":
+        raise QualityError(f"{profile.name} has no quality rule for asset {asset!r}")
+    if sensor.quality == "nodata":
+        return nodata_value_rule(key, asset_nodata(fields, sensor.nodata), name=sensor.rule_name)
+    return _bound(RULES[sensor.quality], key)
+
+
+def _known_band(rule: QualityRule, assets: Mapping[str, Any]) -> str | None:
+    """The item's key of `rule`'s band under any name a catalog gives it (scl, SCL, …)."""
+    for key in dict.fromkeys([rule.asset, *quality_keys(rule.name)]):
+        found = find_asset(assets, key) if key else None
+        if found is not None:
+            return found
+    return None
+
+
+def choose_rule(
+    quality: str | QualityRule, item: Any, *, quality_asset: str | None = None
+) -> QualityChoice:
+    """The rule for `item`: a rule, a registered name, or `auto` (from the item's profile).
+
+    `auto` takes the rule of the sensor and catalog layout `sensors.profile_for` recognises,
+    on the item's key for its quality band (`SCL` on Planetary Computer, `scl` on Earth
+    Search); for an unknown layout the first rule whose band the item has under a name some
+    catalog uses; else none, with a warning in the choice. A named rule reads its band under
+    any of those names. `quality_asset` names the quality band's key when none of them fits.
+    """
+    view = item_view(item)
+    if isinstance(quality, QualityRule):
+        return QualityChoice(_bound(quality, quality_asset) if quality_asset else quality)
+    profile = profile_for(view)
+    profile_name = None if profile is None else profile.name
+    if quality == "auto":
+        # A known sensor without a quality band (NAIP) given an asset: find a rule by its name.
+        if profile is not None and not (profile.sensor.quality == "none" and quality_asset):
+            return _profile_choice(profile, view, quality_asset)
+        for name in AUTO_ORDER:
+            if quality_asset is not None:
+                if quality_asset in quality_keys(name) or quality_asset == RULES[name].asset:
+                    return QualityChoice(_bound(RULES[name], quality_asset), profile_name)
+                continue
+            found = _known_band(RULES[name], view.assets)
+            if found is not None:
+                return QualityChoice(_bound(RULES[name], found), profile_name)
+        if quality_asset is not None:
+            raise QualityError(
+                f"item {view.id}: quality_asset {quality_asset!r} is given but no rule is known "
+                f"for it; pass quality as one of {', '.join(sorted(RULES))}"
+            )
+        return _none_found(view, profile_name, "no asset of a known quality band")
     if quality not in RULES:
         raise QualityError(
             f"unknown quality rule {quality!r}; use auto or one of {', '.join(sorted(RULES))}"
         )
-    return RULES[quality]
+    rule = RULES[quality]
+    if rule.asset is None:
+        return QualityChoice(rule, profile_name)
+    key = quality_asset or _known_band(rule, view.assets)
+    return QualityChoice(_bound(rule, key) if key else rule, profile_name)
+
+
+def _profile_choice(profile: Profile, view: ItemView, quality_asset: str | None) -> QualityChoice:
+    key = profile.layout.quality_asset
+    wanted = quality_asset is None and profile.sensor.quality != "none"
+    if wanted and (key is None or find_asset(view.assets, key) is None):
+        return _none_found(view, profile.name, f"{profile.name} keeps it in {key!r}")
+    return QualityChoice(profile_rule(profile, view, asset=quality_asset), profile.name)
+
+
+def _none_found(view: ItemView, profile: str | None, why: str) -> QualityChoice:
+    where = f"collection {view.collection!r}" if view.collection else "items without collection"
+    warning = (
+        f"{where}: quality auto found no quality band ({why}): cloud fractions are 0 and "
+        "nodata comes only from the item geometry; name the band with quality_asset or pick "
+        "a rule"
+    )
+    return QualityChoice(NONE_RULE, profile, found=False, warning=warning)
+
+
+def resolve_rule(
+    quality: str | QualityRule, item: Any, *, quality_asset: str | None = None
+) -> QualityRule:
+    """The rule object for `quality` (see `choose_rule`)."""
+    return choose_rule(quality, item, quality_asset=quality_asset).rule
 
 
 def band_fractions(
@@ -268,25 +396,162 @@ def read_quality_band(grid: ChipGrid, href: str, *, asset: str = "quality") -> n
         raise QualityError(f"item {grid.item_id}: cannot read {where}: {e}") from e
 
 
+OUTSIDE_CELLS = 32
+"""Cells per chip side on which the item's geometry is rasterized when no band is read."""
+
+_OUTSIDE_RULE = class_rule("outside", "-", nodata={1}, cloud=set())
+"""Counts the burnt cells of a geometry mask (1 = outside the item's geometry) as nodata."""
+
+
+def _burn_outside(band: np.ndarray, outside: Any, transform: Affine, fill: float) -> None:
+    """Set the pixels of `band` whose centres lie in `outside` to `fill`, in place.
+
+    Rasterized over the bounding window of `outside` only (rasterio copies its output array,
+    so a mask of that window costs less than burning into the band itself).
+    """
+    height, width = band.shape
+    inverse = ~transform
+    xs, ys = zip(*(inverse @ corner for corner in _box_corners(outside.bounds)), strict=True)
+    col0, col1 = max(0, math.floor(min(xs))), min(width, math.ceil(max(xs)))
+    row0, row1 = max(0, math.floor(min(ys))), min(height, math.ceil(max(ys)))
+    if col0 >= col1 or row0 >= row1:
+        return
+    mask = rasterize(
+        [(outside, 1)],
+        out_shape=(row1 - row0, col1 - col0),
+        transform=transform @ Affine.translation(col0, row0),
+        fill=0,
+        dtype="uint8",
+    )
+    np.copyto(band[row0:row1, col0:col1], band.dtype.type(fill), where=mask.view(bool))
+
+
+def _chip_boxes(grid: ChipGrid) -> np.ndarray:
+    """Every chip's footprint as a shapely Polygon in the grid's CRS, ordered by y then x."""
+    xs, ys = grid.indices()
+    cols = np.stack([xs, xs + 1, xs + 1, xs], axis=1) * float(grid.chip_size)
+    rows = np.stack([ys, ys, ys + 1, ys + 1], axis=1) * float(grid.chip_size)
+    t = grid.transform
+    corners = np.stack([t.a * cols + t.b * rows + t.c, t.d * cols + t.e * rows + t.f], axis=-1)
+    return shapely.polygons(corners)
+
+
+def _split_chips(grid: ChipGrid, outside: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`(empty, crossed)`: bool `(y_size, x_size)` arrays of the chips wholly inside `outside`
+    and of those its edge crosses.
+
+    Vector tests over all chips at once, so that only crossed chips are rasterized: on an
+    edge tile most chips are wholly outside, and a geometry 1 m inside a full tile's edge
+    crosses a row and a column of chips but no pixel of the others.
+    """
+    boxes = _chip_boxes(grid)
+    shapely.prepare(outside)
+    empty = shapely.contains(outside, boxes)
+    crossed = ~empty & shapely.intersects(outside, boxes)
+    shape = (grid.y_size, grid.x_size)
+    return empty.reshape(shape), crossed.reshape(shape)
+
+
+def _burn_crossed(
+    band: np.ndarray, outside: Any, transform: Affine, fill: float, crossed: np.ndarray
+) -> None:
+    """`_burn_outside` over the crossed chips only: one window per run of adjacent crossed
+    chips in a chip row (a row at a time, like `band_fractions`), not the whole band."""
+    ny, nx = crossed.shape
+    per_y, per_x = band.shape[0] // ny, band.shape[1] // nx
+    for y in np.flatnonzero(crossed.any(axis=1)):
+        columns = np.flatnonzero(crossed[y])
+        for run in np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1):
+            rows = slice(y * per_y, (y + 1) * per_y)
+            cols = slice(run[0] * per_x, (run[-1] + 1) * per_x)
+            window = transform @ Affine.translation(cols.start, rows.start)
+            _burn_outside(band[rows, cols], outside, window, fill)
+
+
+def _box_corners(bounds: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    left, bottom, right, top = bounds
+    return [(left, bottom), (left, top), (right, bottom), (right, top)]
+
+
+def _fits(fill: float | None, dtype: np.dtype) -> bool:
+    """Whether `fill` is a value of `dtype` (NaN only of floats)."""
+    if fill is None:
+        return False
+    if dtype.kind == "f":
+        return True
+    if isinstance(fill, float) and not fill.is_integer():
+        return False
+    info = np.iinfo(dtype)
+    return info.min <= fill <= info.max
+
+
+def outside_fractions(grid: ChipGrid, outside: Any) -> np.ndarray:
+    """Per-chip fraction (float32 `(y_size, x_size)`) of each chip lying in `outside`.
+
+    The geometry is rasterized on `OUTSIDE_CELLS` x `OUTSIDE_CELLS` cells per chip (pixel
+    centres), then summed per chip by `band_fractions`.
+    """
+    cells = min(grid.chip_size, OUTSIDE_CELLS)
+    mask = np.zeros((grid.y_size * cells, grid.x_size * cells), dtype=np.uint8)
+    _burn_outside(mask, outside, grid.transform @ Affine.scale(grid.chip_size / cells), 1)
+    return band_fractions(mask, _OUTSIDE_RULE, grid.y_size, grid.x_size)[1]
+
+
 def chip_fractions(
-    grid: ChipGrid, item: Any, quality: str | QualityRule = "auto"
+    grid: ChipGrid,
+    item: Any,
+    quality: str | QualityRule | QualityChoice = "auto",
+    *,
+    quality_asset: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-chip `(cloud_fraction, nodata_fraction)`, float32 arrays of shape `(y_size, x_size)`.
 
     Reads the rule's asset (href as given: local path, /vsicurl/, s3://, https://) once.
+    Pixels outside the item's `geometry` are nodata whatever the rule (also `none`): they are
+    set to the rule's `fill` value in the band before it is classified, so a pixel the band
+    and the geometry both call nodata counts once. Chips wholly outside get nodata 1.0.
     """
-    rule = resolve_rule(quality, item)
+    choice = (
+        quality
+        if isinstance(quality, QualityChoice)
+        else choose_rule(quality, item, quality_asset=quality_asset)
+    )
+    rule = choice.rule
+    outside = outside_footprint(grid, item)
     if rule.asset is None or rule.classify is None:
         zeros = np.zeros((grid.y_size, grid.x_size), dtype=np.float32)
-        return zeros, zeros.copy()
+        nodata = zeros.copy() if outside is None else outside_fractions(grid, outside)
+        return zeros, nodata
     view = item_view(item)
     if rule.asset not in view.assets:
         raise QualityError(
             f"item {view.id}: quality rule {rule.name!r} needs asset {rule.asset!r}, which the "
-            f"item does not have (assets: {', '.join(sorted(view.assets))}); pick another rule"
+            f"item does not have (assets: {', '.join(sorted(view.assets))}); name its quality "
+            "band with quality_asset or pick another rule"
         )
     band = read_quality_band(grid, view.assets[rule.asset]["href"], asset=rule.asset)
+    extra = None
+    empty = None
+    if outside is not None:
+        if _fits(rule.fill, band.dtype):
+            empty, crossed = _split_chips(grid, outside)
+            if crossed.any():
+                if not band.flags.writeable:
+                    band = band.copy()
+                height, width = band.shape
+                scale = Affine.scale(
+                    grid.x_size * grid.chip_size / width, grid.y_size * grid.chip_size / height
+                )
+                fill = float(rule.fill)  # type: ignore[arg-type]
+                _burn_crossed(band, outside, grid.transform @ scale, fill, crossed)
+        else:  # no value of this band means nodata to the rule: the larger of the two
+            extra = outside_fractions(grid, outside)
     try:
-        return band_fractions(band, rule, grid.y_size, grid.x_size)
+        cloud, nodata = band_fractions(band, rule, grid.y_size, grid.x_size)
     except QualityError as e:
         raise QualityError(f"item {view.id}: asset {rule.asset!r}: {e}") from e
+    if extra is not None:
+        nodata = np.maximum(nodata, extra)
+    if empty is not None:  # every pixel centre of these chips is outside
+        cloud[empty], nodata[empty] = 0.0, 1.0
+    return cloud, nodata

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -34,83 +34,9 @@ from rasterio.errors import RasterioError
 
 from stacchip_db.errors import StacchipError
 from stacchip_db.grid import ChipGrid, chip_grid, item_view
+from stacchip_db.sensors import BandError, band_names, locate_band, profile_for
 
 log = logging.getLogger(__name__)
-
-
-class BandError(StacchipError):
-    """A requested band is not in the item, or the platform of a collection is unknown."""
-
-
-@dataclass(frozen=True)
-class Platform:
-    """A sensor as the Clay model knows it: band order, nodata value, RGB bands for pictures."""
-
-    name: str
-    bands: tuple[str, ...]
-    nodata: float
-    rgb: tuple[str, str, str]
-    collection_words: tuple[str, ...]
-    """Collection ids containing one of these words belong to this platform."""
-
-
-PLATFORMS: dict[str, Platform] = {
-    p.name: p
-    for p in (
-        Platform(
-            "sentinel-2-l2a",
-            (
-                "blue",
-                "green",
-                "red",
-                "rededge1",
-                "rededge2",
-                "rededge3",
-                "nir",
-                "nir08",
-                "swir16",
-                "swir22",
-            ),
-            0,
-            ("red", "green", "blue"),
-            ("sentinel-2", "sentinel2", "s2"),
-        ),
-        Platform(
-            "landsat",
-            ("red", "green", "blue", "nir08", "swir16", "swir22"),
-            0,
-            ("red", "green", "blue"),
-            ("landsat",),
-        ),
-        Platform("naip", ("red", "green", "blue", "nir"), 0, ("red", "green", "blue"), ("naip",)),
-        Platform("linz", ("red", "green", "blue"), 0, ("red", "green", "blue"), ("linz",)),
-        Platform("sentinel-1-rtc", ("vv", "vh"), -32768, ("vv", "vh", "vv"), ("sentinel-1", "s1")),
-        Platform(
-            "modis",
-            tuple(f"sur_refl_b0{i}" for i in range(1, 8)),
-            -28672,
-            ("sur_refl_b01", "sur_refl_b04", "sur_refl_b03"),
-            ("modis", "mod09"),
-        ),
-    )
-}
-"""Band order per platform (ARCHITECTURE.md, "npz cubes") and the nodata value stats skip."""
-
-
-def platform_for(collection: str, platform: str | None = None) -> Platform:
-    """The platform named `platform`, else the one whose word appears in the collection id."""
-    if platform is not None:
-        if platform not in PLATFORMS:
-            raise BandError(f"unknown platform {platform!r}; use one of {', '.join(PLATFORMS)}")
-        return PLATFORMS[platform]
-    lowered = collection.lower()
-    for candidate in PLATFORMS.values():
-        if any(word in lowered for word in candidate.collection_words):
-            return candidate
-    raise BandError(
-        f"cannot tell the platform of collection {collection!r}; pass --platform "
-        f"({', '.join(PLATFORMS)}) or --bands"
-    )
 
 
 @dataclass(frozen=True)
@@ -123,37 +49,24 @@ class AssetRead:
     positions: tuple[int, ...]
 
 
-def _band_names(fields: Mapping[str, Any]) -> list[set[str]]:
-    """Lower-cased names (name, common_name, description) of each band of an asset."""
-    entries = fields.get("eo:bands") or fields.get("bands") or []
-    names = []
-    for entry in entries:
-        keys = ("name", "common_name", "eo:common_name", "description")
-        names.append({str(entry[k]).lower() for k in keys if entry.get(k)})
-    return names
-
-
 def plan_reads(item: Any, bands: Sequence[str]) -> list[AssetRead]:
     """Which asset (and band of it) holds each of `bands`, grouped by asset.
 
-    A band is the asset of that key (band 1), else the band of a multi-band asset whose
-    `eo:bands` entry is named so (NAIP's `image` red/green/blue/nir), else, for NAIP/LINZ-like
-    items with a single multi-band image asset, the band at the same position in that asset.
+    Each band is found by `sensors.locate_band`: through the item's catalog layout (`rededge1`
+    is asset `B05` on Planetary Computer), else the asset of that key (band 1), else the band
+    of a multi-band asset whose `eo:bands` entry is named so (NAIP's `image`); else, for
+    NAIP/LINZ-like items with a single multi-band image asset, the band at the same position.
     """
     view = item_view(item)
+    profile = profile_for(view)
     found: dict[str, tuple[str, int]] = {}
     for band in bands:
-        if band in view.assets:
-            found[band] = (band, 1)
-            continue
-        for key, fields in view.assets.items():
-            hits = [i for i, names in enumerate(_band_names(fields)) if band.lower() in names]
-            if hits:
-                found[band] = (key, hits[0] + 1)
-                break
+        where = locate_band(view, band, profile)
+        if where is not None:
+            found[band] = where
     missing = [b for b in bands if b not in found]
     if missing:
-        multi = [k for k, f in view.assets.items() if len(_band_names(f)) >= len(bands)]
+        multi = [k for k, f in view.assets.items() if len(band_names(f)) >= len(bands)]
         if len(multi) == 1:
             found.update({b: (multi[0], i + 1) for i, b in enumerate(bands) if b in missing})
             missing = []

@@ -34,6 +34,7 @@ import rasterio
 from affine import Affine
 
 from stacchip_db.grid import item_crs, item_view
+from stacchip_db.sensors import find_asset
 
 LANDSAT_CLEAR, LANDSAT_WATER, LANDSAT_CLOUD, LANDSAT_DILATED, LANDSAT_SHADOW, LANDSAT_FILL = (
     21824,
@@ -153,7 +154,8 @@ PATTERNS: dict[str, Callable[[tuple[int, int], np.random.Generator | None], np.n
     "qa_pixel": qa_pixel_pattern,
     "sur_refl_qc_500m": modis_qc_pattern,
 }
-"""Quality-band patterns by asset key; other assets get `reflectance_pattern`."""
+"""Quality-band patterns by asset key, matched as `sensors.find_asset` does (`SCL`, `QA_PIXEL.TIF`
+get the `scl` and `qa_pixel` patterns); other assets get `reflectance_pattern`."""
 
 
 def reflectance_pattern(
@@ -257,8 +259,9 @@ def synthesize_item(
         rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
         raster_bands = fields.get("raster:bands") or [{}]
         nodata = raster_bands[0].get("nodata")
-        if key in PATTERNS:
-            data = PATTERNS[key](grid_shape, rng)
+        pattern = find_asset(PATTERNS, key)
+        if pattern is not None:
+            data = PATTERNS[pattern](grid_shape, rng)
             categorical = True
         else:
             count = len(fields.get("eo:bands") or raster_bands)

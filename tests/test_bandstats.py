@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from stacchip_db.bandstats import BandStats, merge_all
-from stacchip_db.reader import PLATFORMS, platform_for
+from stacchip_db.sensors import SENSORS, sensor_for
 from tests.conftest import S2_BANDS, error_line, run_cli, store_indexed
 
 CHIP = 64
@@ -53,11 +53,11 @@ def test_merge_is_stable_where_sum_of_squares_is_not() -> None:
 
 
 def test_nodata_values_per_platform() -> None:
-    assert platform_for("sentinel-1-rtc").nodata == -32768
-    assert platform_for("modis-09A1-061").nodata == -28672
-    assert platform_for("sentinel-2-c1-l2a").nodata == 0
+    assert sensor_for("sentinel-1-rtc").nodata == -32768
+    assert sensor_for("modis-09A1-061").nodata == -28672
+    assert sensor_for("sentinel-2-c1-l2a").nodata == 0
     pixels = np.array([[[[-32768, 2], [4, -32768]]]], dtype=np.int16)
-    stats = BandStats.from_pixels(pixels, ["vv"], PLATFORMS["sentinel-1-rtc"].nodata)
+    stats = BandStats.from_pixels(pixels, ["vv"], SENSORS["sentinel-1-rtc"].nodata)
     assert stats.rows()[0] == {"band": "vv", "count": 2, "mean": 3.0, "std": 1.0,
                                "min": 2.0, "max": 4.0}  # fmt: skip
 

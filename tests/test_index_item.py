@@ -18,6 +18,7 @@ from stacchip_db.grid import chip_grid
 from stacchip_db.index import CHIP_SCHEMA, index_item, item_datetime
 from stacchip_db.synthetic import item_from_arrays, synthesize_item
 from tests.conftest import FIXTURES
+from tests.footprints import outside_mask
 
 S2 = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 LANDSAT = "landsat-c2l2-sr-LC09_L2SR_086107_20240311_20240312_02_T2_SR.json"
@@ -108,15 +109,17 @@ def test_landsat_polar_stereographic(tmp_path: Path):
     assert table.num_rows == 12 * 13
     with rasterio.open(item["assets"]["qa_pixel"]["href"]) as src:
         qa = src.read(1)[: 12 * 64, : 13 * 64]
-    blocks = qa.reshape(12, 64, 13, 64)
-    np.testing.assert_array_equal(
-        np.asarray(table["nodata_fraction"]).reshape(12, 13),
-        ((blocks & 1) != 0).mean(axis=(1, 3), dtype=np.float64).astype(np.float32),
-    )
-    np.testing.assert_array_equal(
-        np.asarray(table["cloud_fraction"]).reshape(12, 13),
-        ((blocks & 0b11010) != 0).mean(axis=(1, 3), dtype=np.float64).astype(np.float32),
-    )
+        outside = outside_mask(item, src.transform, qa.shape)  # the scene is turned on its grid
+    nodata = ((qa & 1) != 0) | outside
+    cloud = ((qa & 0b11010) != 0) & ~outside
+    assert outside.mean() > 0.2  # a real part of the grid lies outside the scene
+
+    def per_chip(mask: np.ndarray) -> np.ndarray:
+        blocks = mask.reshape(12, 64, 13, 64)
+        return blocks.mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+
+    for column, mask in (("nodata_fraction", nodata), ("cloud_fraction", cloud)):
+        np.testing.assert_array_equal(np.asarray(table[column]).reshape(12, 13), per_chip(mask))
     lon, lat = shapely.get_coordinates(shapely.from_wkb(table["geometry"][0].as_py())).T
     assert (lat < -60).all() and (lon > 100).all()
 

@@ -17,10 +17,10 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from stacchip_db.db.connection import connect
-from stacchip_db.reader import PLATFORMS
+from stacchip_db.sensors import SENSORS
 from tests.conftest import error_line, run_cli, store_indexed
 
-S2_BANDS = list(PLATFORMS["sentinel-2-l2a"].bands)
+S2_BANDS = list(SENSORS["sentinel-2-l2a"].bands)
 CHIP = 64  # 1098 px scene (scale 10): a 17 x 17 grid; 20 m bands read as 32 px windows
 ALL = "SELECT collection, item_id, chip_size, chip_index_x, chip_index_y FROM stacchip.chips"
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 
 from stacchip_db.errors import StacchipError
 from stacchip_db.grid import AssetGridError, chip_grid
@@ -36,6 +35,7 @@ from stacchip_db.synthetic import (
     synthesize_item,
 )
 from tests.conftest import FIXTURES
+from tests.footprints import reference_fractions
 
 S2 = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 LANDSAT = "landsat-c2l2-sr-LC09_L2SR_086107_20240311_20240312_02_T2_SR.json"
@@ -50,23 +50,6 @@ def fractions(item: dict, quality: str | QualityRule, chip_size: int) -> np.ndar
     """`(y, x, 2)` array of (cloud, nodata) fractions."""
     grid = chip_grid(item, chip_size=chip_size)
     return np.stack(chip_fractions(grid, item, quality), axis=-1)
-
-
-def reference_fractions(
-    item: dict, asset: str, chip_size: int, cloud: set[int], nodata: set[int]
-) -> np.ndarray:
-    """The original stacchip's way: upsample to the finest grid (nearest), loop over chips."""
-    grid = chip_grid(item, chip_size=chip_size)
-    with rasterio.open(item["assets"][asset]["href"]) as src:
-        band = src.read(1)
-    factor = grid.shape[0] // band.shape[0]
-    full = np.repeat(np.repeat(band, factor, axis=0), factor, axis=1)
-    out = np.zeros((grid.y_size, grid.x_size, 2))
-    for y in range(grid.y_size):
-        for x in range(grid.x_size):
-            chip = full[y * chip_size : (y + 1) * chip_size, x * chip_size : (x + 1) * chip_size]
-            out[y, x] = np.isin(chip, list(cloud)).mean(), np.isin(chip, list(nodata)).mean()
-    return out.astype(np.float32)
 
 
 def test_sentinel2_scl_at_20m_beside_a_10m_grid(tmp_path: Path):

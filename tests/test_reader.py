@@ -13,14 +13,13 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from stacchip_db.reader import (
-    BandError,
     DatasetCache,
     _lanes,
     plan_reads,
-    platform_for,
     read_chip,
     read_item_chips,
 )
+from stacchip_db.sensors import BandError, sensor_for
 from stacchip_db.synthetic import synthesize_item
 from tests.conftest import FIXTURES, S2_BANDS
 
@@ -28,16 +27,16 @@ NAIP = "naip_m_4207009_ne_19_060_20211024.json"
 
 
 def test_platform_from_collection_id_or_option() -> None:
-    assert platform_for("sentinel-2-c1-l2a").name == "sentinel-2-l2a"
-    assert platform_for("landsat-c2-l2").bands == (
+    assert sensor_for("sentinel-2-c1-l2a").name == "sentinel-2-l2a"
+    assert sensor_for("landsat-c2-l2").bands == (
         "red", "green", "blue", "nir08", "swir16", "swir22",
     )  # fmt: skip
-    assert platform_for("naip").bands == ("red", "green", "blue", "nir")
-    assert platform_for("whatever", "linz").name == "linz"
+    assert sensor_for("naip").bands == ("red", "green", "blue", "nir")
+    assert sensor_for("whatever", "linz").name == "linz"
     with pytest.raises(BandError, match="--platform"):
-        platform_for("my-drone-flights")
+        sensor_for("my-drone-flights")
     with pytest.raises(BandError, match="unknown platform 'drone'"):
-        platform_for("x", "drone")
+        sensor_for("x", "drone")
 
 
 def test_bands_of_a_multi_band_asset_by_position() -> None:

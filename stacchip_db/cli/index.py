@@ -16,6 +16,8 @@ import contextlib
 import json
 import sys
 import time
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,16 @@ class Summary:
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    quality: Counter[tuple[str, str, str | None, str | None]] = field(default_factory=Counter)
+    """Items indexed per (collection, rule, asset, profile)."""
+    warnings: list[str] = field(default_factory=list)
+
+    def quality_rows(self) -> list[dict[str, Any]]:
+        """Per collection, each rule used: its asset, the recognised profile, how many items."""
+        return [
+            {"collection": c, "rule": r, "asset": a, "profile": p, "items": n}
+            for (c, r, a, p), n in sorted(self.quality.items())
+        ]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +83,8 @@ class Summary:
             "seconds": round(self.seconds, 3),
             "chips_per_second": round(self.chips / self.seconds) if self.seconds else None,
             "timings": {step: round(seconds, 3) for step, seconds in self.timings.items()},
+            "quality": self.quality_rows(),
+            "warnings": self.warnings,
         }
 
     def line(self) -> str:
@@ -85,7 +99,15 @@ class Summary:
             parts.append(f"{self.duplicates} duplicate items (the last of each stored)")
         if self.failed:
             parts.append(f"{len(self.failed)} items failed")
-        return ", ".join(parts) + f" in {self.seconds:.2f} s{rate}"
+        lines = [", ".join(parts) + f" in {self.seconds:.2f} s{rate}"]
+        for row in self.quality_rows():
+            asset = f" on asset {row['asset']}" if row["asset"] else ""
+            profile = f" ({row['profile']})" if row["profile"] else ""
+            lines.append(
+                f"  {row['collection']}: quality {row['rule']}{asset}{profile}, "
+                f"{row['items']} items"
+            )
+        return "\n".join(lines)
 
 
 # -- reading items ----------------------------------------------------------------------------
@@ -205,7 +227,12 @@ def _one_line(message: str, item_id: str) -> str:
     type=click.Choice(QUALITY_RULES),
     default="auto",
     show_default=True,
-    help="Cloud/nodata rule; auto picks it from the item's assets (scl, qa_pixel, …).",
+    help="Cloud/nodata rule; auto picks it from the item's sensor and catalog (SCL, qa_pixel, "
+    "…) and says which it used per collection.",
+)
+@click.option(
+    "--quality-asset", metavar="KEY",
+    help="Asset key of the quality band, for catalogs whose layout auto does not know.",
 )
 @click.option(
     "--chip-size", type=click.IntRange(min=1), default=256, show_default=True,
@@ -247,6 +274,7 @@ def index(
     sources: tuple[str, ...],
     collection: str | None,
     quality: str,
+    quality_asset: str | None,
     chip_size: int,
     max_nodata: float,
     strict: bool,
@@ -287,7 +315,12 @@ def index(
             file=sys.stderr,
             hidden=cli.quiet or as_json,
         )
-        options = {"quality": quality, "chip_size": chip_size, "max_nodata": max_nodata}
+        options = {
+            "quality": quality,
+            "quality_asset": quality_asset,
+            "chip_size": chip_size,
+            "max_nodata": max_nodata,
+        }
         if bulk:
             _bulk(conn, sources, collection, options, strict, on_conflict, progress, summary,
                   errors)
@@ -295,10 +328,13 @@ def index(
             extra = [stack.enter_context(db.connect()) for _ in range(writers - 1)]
             _batched(conn, extra, sources, collection, options, strict, on_conflict, progress,
                      summary, errors)
-    summary.failed = [{"item": where, "error": message} for where, message in errors]
+    summary.failed = [{"item": where, "error": _flags(message)} for where, message in errors]
+    summary.warnings = [_flags(message) for message in summary.warnings]
     summary.seconds = time.perf_counter() - started
     for _, message in errors:
-        click.echo(f"Error: {message}", err=True)
+        click.echo(f"Error: {_flags(message)}", err=True)
+    for message in summary.warnings:
+        click.echo(f"Warning: {message}", err=True)
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
     elif not cli.quiet:
@@ -307,17 +343,33 @@ def index(
         ctx.exit(1)
 
 
+PARAMETER_FLAGS = {"quality_asset": "--quality-asset", "pick a rule": "pick a --quality rule"}
+"""Library messages name Python parameters; the CLI's own output names its flags."""
+
+
+def _flags(message: str) -> str:
+    for parameter, flag in PARAMETER_FLAGS.items():
+        message = message.replace(parameter, flag)
+    return message
+
+
 def _indexed(
     sources: tuple[str, ...],
     collection: str | None,
     options: dict[str, Any],
     bar: Any,
     errors: list[tuple[str, str]],
+    summary: Summary,
 ) -> Iterator[tuple[dict[str, Any], Any, int]]:
-    """`(item, chips, chips dropped for nodata)` of each item that indexes; errors appended."""
+    """`(item, chips, chips dropped for nodata)` of each item that indexes; errors appended.
+
+    The quality rule each item used is counted in `summary.quality`; `index_item`'s warnings
+    (auto found no quality band) are collected once each, one per collection.
+    """
     from stacchip_db.db.store import check_item
     from stacchip_db.grid import item_georeference
-    from stacchip_db.index import index_item
+    from stacchip_db.index import index_item, quality_used
+    from stacchip_db.quality import NoQualityBandWarning
 
     chip_size = options["chip_size"]
     for source in read_sources(sources):
@@ -330,12 +382,21 @@ def _indexed(
             item["collection"] = collection
         try:
             check_item(item)  # id, collection, datetime: named errors early
-            chips = index_item(item, **options)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", NoQualityBandWarning)
+                chips = index_item(item, **options)
             (height, width), _, _ = item_georeference(item)
         except StacchipError as e:  # a bad item is reported and skipped
             name = str(item.get("id") or source.where)
             errors.append((name, _one_line(str(e), name)))
             continue
+        for warning in caught:
+            text = str(warning.message)
+            if text not in summary.warnings:
+                summary.warnings.append(text)
+        used = quality_used(chips)
+        key = (str(item["collection"]), used["rule"], used["asset"], used["profile"])
+        summary.quality[key] += 1
         grid_size = (height // chip_size) * (width // chip_size)
         yield item, chips, grid_size - chips.num_rows
 
@@ -362,7 +423,7 @@ def _batched(
         ) as writer,
         progress as bar,
     ):
-        for item, chips, dropped in _indexed(sources, collection, options, bar, errors):
+        for item, chips, dropped in _indexed(sources, collection, options, bar, errors, summary):
             if writer.add(item, chips):
                 summary.dropped_nodata += dropped
     errors += [(f.item_id, _one_line(f.message, f.item_id)) for f in writer.failures]
@@ -390,7 +451,7 @@ def _bulk(
     pairs: list[tuple[dict[str, Any], Any]] = []
     dropped: dict[tuple[str, str], int] = {}  # per item: a duplicate counts once (the last)
     with progress as bar:
-        for item, chips, n in _indexed(sources, collection, options, bar, errors):
+        for item, chips, n in _indexed(sources, collection, options, bar, errors, summary):
             pairs.append((item, chips))
             dropped[check_item(item)[:2]] = n
     summary.timings["index"] = time.perf_counter() - clock

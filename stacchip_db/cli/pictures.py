@@ -9,8 +9,8 @@ import click
 from stacchip_db.cli.options import with_database
 from stacchip_db.cli.prechip import chip_source_options, select
 from stacchip_db.db import Database
-from stacchip_db.reader import PLATFORMS
 from stacchip_db.selection import ChipFilter, Sampling
+from stacchip_db.sensors import SENSORS
 
 
 @click.command()
@@ -29,7 +29,7 @@ from stacchip_db.selection import ChipFilter, Sampling
     help="Draw at most this many of the selected chips (in the query's order).",
 )
 @click.option(
-    "--platform", type=click.Choice(list(PLATFORMS)), help="Default: from the collection."
+    "--platform", type=click.Choice(list(SENSORS)), help="Default: from the collection."
 )
 @click.option(
     "--rgb",

@@ -15,8 +15,8 @@ from stacchip_db.cli.selection_options import selection_options
 from stacchip_db.dataset import STATEMENT_TIMEOUT_S, ChipSelection, load_selection
 from stacchip_db.db import Database
 from stacchip_db.errors import ConfigError
-from stacchip_db.reader import PLATFORMS
 from stacchip_db.selection import ChipFilter, Sampling, build_selection
+from stacchip_db.sensors import SENSORS
 
 EXIT_CHIPS_FAILED = 3
 """Exit status of an export that finished but left out chips it could not read."""
@@ -82,7 +82,7 @@ def band_options(func: Callable[..., Any]) -> Callable[..., Any]:
     )
     platform = click.option(
         "--platform",
-        type=click.Choice(list(PLATFORMS)),
+        type=click.Choice(list(SENSORS)),
         help="Band order of this platform (default: from the collection id).",
     )
     return bands(platform(func))

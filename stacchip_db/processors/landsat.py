@@ -40,7 +40,8 @@ from stacchip_db.processors.base import (
     Scene,
     max_cloud_cover_option,
 )
-from stacchip_db.quality import LANDSAT_RULE
+from stacchip_db.quality import profile_rule
+from stacchip_db.sensors import collection_profile
 from stacchip_db.stac_api import search_one
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,9 @@ log = logging.getLogger(__name__)
 PLATFORMS = ("LANDSAT_8", "LANDSAT_9")
 L1_COLLECTION = "landsat-c2l1"
 L2_COLLECTION = "landsat-c2l2-sr"
-L2_ASSETS = ("blue", "green", "red", "nir08", "swir16", "swir22", "qa_pixel")
-L1_ASSETS = (*L2_ASSETS[:-1], "lwir", "lwir_high", "pan", "qa_pixel")
+L2_PROFILE = collection_profile(L2_COLLECTION)
+L2_ASSETS = L2_PROFILE.layout.assets
+L1_ASSETS = collection_profile(L1_COLLECTION).layout.assets
 
 
 def choose_years(index: int) -> tuple[int, int]:
@@ -71,7 +73,7 @@ class Landsat(Processor):
     default_stac_api = "https://landsatlook.usgs.gov/stac-server"
     default_collection = L2_COLLECTION
     assets = L2_ASSETS
-    quality = LANDSAT_RULE
+    quality = profile_rule(L2_PROFILE)
     max_nodata = 0.0
     requester_pays = True  # usgs-landsat charges the requester
     cli_options = (

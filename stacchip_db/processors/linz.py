@@ -38,13 +38,15 @@ from stacchip_db.errors import StacchipError
 from stacchip_db.processors import register
 from stacchip_db.processors.base import JobRequest, PlanContext, Processor, Scene, SceneReport
 from stacchip_db.processors.derived import derive_object, open_source, write_array_cog
-from stacchip_db.quality import nodata_value_rule
+from stacchip_db.quality import profile_rule
+from stacchip_db.sensors import collection_profile
 
 log = logging.getLogger(__name__)
 
 TARGET_RESOLUTION = 0.3
 """Metres per pixel of every stored LINZ tile (surveys range from 0.05 to 0.3 m)."""
-ASSET = "visual"
+PROFILE = collection_profile("linz")
+ASSET = PROFILE.layout.quality_asset or "visual"
 """Key of the image asset in LINZ's items, kept in the stored ones."""
 SAMPLE_SEED = 42
 MIN_TILES, MAX_TILES = 10, 2000
@@ -146,7 +148,7 @@ class Linz(Processor):
     default_stac_api = "s3://nz-imagery"
     default_collection = "linz"
     assets = (ASSET,)
-    quality = nodata_value_rule(ASSET, 0, name="linz")
+    quality = profile_rule(PROFILE)
     uses_sample_source = False
     searches_stac_api = False
     cli_options = (

@@ -40,14 +40,16 @@ from stacchip_db.processors.base import (
     SceneReport,
 )
 from stacchip_db.processors.derived import derive_object, open_source, write_cog
-from stacchip_db.quality import MODIS_RULE
+from stacchip_db.quality import profile_rule
+from stacchip_db.sensors import collection_profile
 from stacchip_db.stac_api import search_one
 
 log = logging.getLogger(__name__)
 
 DST_CRS = "EPSG:3857"
-BANDS = tuple(f"sur_refl_b0{i}" for i in range(1, 8))
-QC_ASSET = "sur_refl_qc_500m"
+PROFILE = collection_profile("modis-09A1-061")
+BANDS = PROFILE.sensor.bands
+QC_ASSET = PROFILE.layout.quality_asset
 PROJECTION_V2 = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
 
 _TILE_COLUMNS: dict[int, tuple[int, ...]] = {
@@ -98,8 +100,8 @@ class Modis(Processor):
     name = "modis"
     default_stac_api = "https://planetarycomputer.microsoft.com/api/stac/v1"
     default_collection = "modis-09A1-061"
-    assets = (*BANDS, QC_ASSET)
-    quality = MODIS_RULE
+    assets = PROFILE.layout.assets
+    quality = profile_rule(PROFILE)
     signs_hrefs = True
     uses_sample_source = False
 

@@ -18,7 +18,8 @@ import pystac
 
 from stacchip_db.processors import register
 from stacchip_db.processors.base import PlanContext, Processor, Scene
-from stacchip_db.quality import NONE_RULE
+from stacchip_db.quality import profile_rule
+from stacchip_db.sensors import collection_profile
 from stacchip_db.stac_api import search
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ class Naip(Processor):
     name = "naip"
     default_stac_api = "https://planetarycomputer.microsoft.com/api/stac/v1"
     default_collection = "naip"
-    assets = ("image",)
-    quality = NONE_RULE
+    assets = collection_profile("naip").layout.assets
+    quality = profile_rule(collection_profile("naip"))
     signs_hrefs = True
     cli_options = (
         click.option(

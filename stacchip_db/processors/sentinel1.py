@@ -28,13 +28,14 @@ from stacchip_db import storage
 from stacchip_db.processors import register
 from stacchip_db.processors.base import QUARTERS, YEARS, PlanContext, Processor, Scene, SceneReport
 from stacchip_db.processors.derived import derive_object, open_source, write_cog
-from stacchip_db.quality import QualityRule, nodata_value_rule
+from stacchip_db.quality import QualityRule, profile_rule
+from stacchip_db.sensors import collection_profile
 from stacchip_db.stac_api import search_one
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NODATA = -32768.0
-"""Planetary Computer's RTC nodata value (float32 bands)."""
+PROFILE = collection_profile("sentinel-1-rtc")
+"""Planetary Computer's layout: vv and vh, nodata -32768 unless `raster:bands` says."""
 
 
 def choose_quarter(index: int) -> tuple[int, int]:
@@ -45,13 +46,6 @@ def choose_quarter(index: int) -> tuple[int, int]:
     return year, quarter + 1
 
 
-def band_nodata(asset: dict[str, Any]) -> float:
-    """The nodata value of an asset's first band (`raster:bands`, else RTC's -32768)."""
-    bands = asset.get("raster:bands") or [{}]
-    value = bands[0].get("nodata")
-    return DEFAULT_NODATA if value is None else float(value)
-
-
 @register
 class Sentinel1(Processor):
     """Sentinel-1 RTC: one scene of a random quarter over the sample, vv and vh as COGs."""
@@ -59,8 +53,8 @@ class Sentinel1(Processor):
     name = "sentinel-1"
     default_stac_api = "https://planetarycomputer.microsoft.com/api/stac/v1"
     default_collection = "sentinel-1-rtc"
-    assets = ("vv", "vh")
-    quality = nodata_value_rule("vv", DEFAULT_NODATA, name="sentinel-1")
+    assets = PROFILE.layout.assets
+    quality = profile_rule(PROFILE)
     signs_hrefs = True
 
     def plan(self, context: PlanContext) -> list[Scene]:
@@ -90,7 +84,7 @@ class Sentinel1(Processor):
         return item
 
     def quality_rule(self, item: dict[str, Any]) -> QualityRule:
-        return nodata_value_rule("vv", band_nodata(item["assets"]["vv"]), name="sentinel-1")
+        return profile_rule(PROFILE, item)  # the file's nodata, written into raster:bands
 
 
 def _reencoder(source: str) -> Callable[[Path], None]:

@@ -27,13 +27,16 @@ from stacchip_db.processors.base import (
     Scene,
     max_cloud_cover_option,
 )
-from stacchip_db.quality import S2_RULE
+from stacchip_db.quality import profile_rule
+from stacchip_db.sensors import collection_profile
 from stacchip_db.stac_api import search_one
 from stacchip_db.storage import s3_url_from_https
 
 log = logging.getLogger(__name__)
 
 MAX_NODATA_PIXEL_PERCENTAGE = 20
+PROFILE = collection_profile("sentinel-2-l2a")
+"""Earth Search v1's layout (the default API): assets `blue` … `swir22` and `scl`."""
 
 
 def choose_years(index: int) -> list[int]:
@@ -48,20 +51,8 @@ class Sentinel2(Processor):
     name = "sentinel-2"
     default_stac_api = "https://earth-search.aws.element84.com/v1"
     default_collection = "sentinel-2-l2a"
-    assets = (
-        "blue",
-        "green",
-        "red",
-        "nir",
-        "nir08",
-        "rededge1",
-        "rededge2",
-        "rededge3",
-        "scl",
-        "swir16",
-        "swir22",
-    )
-    quality = S2_RULE
+    assets = PROFILE.layout.assets
+    quality = profile_rule(PROFILE)
     requester_pays = False  # sentinel-cogs is a free, public bucket
     sample_source_env = "STACCHIP_MGRS_SOURCE"
     cli_options = (
