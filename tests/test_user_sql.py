@@ -13,6 +13,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from stacchip_db import ChipDataset
 from stacchip_db.dataset import QueryError, load_selection
 from stacchip_db.db import init_database
+from stacchip_db.db.embedded import SERVER_DIR, EmbeddedCluster
 from stacchip_db.db.user_sql import Deadline, QueryLoginError
 from tests.conftest import PgServer, error_line, run_cli, store_indexed
 
@@ -263,8 +264,10 @@ def _tcp_url(url: str) -> str:
     host = str(params.get("host", ""))
     if not host.startswith("/"):
         return url
-    password = (Path(host) / "password").read_text().strip()
-    return make_conninfo(url, host="127.0.0.1", password=password)
+    socket_dir = Path(host)  # the embedded cluster's socket lives in HOME/server
+    home = socket_dir.parent if socket_dir.name == SERVER_DIR else socket_dir
+    tcp = EmbeddedCluster(home).tcp_url(str(params["dbname"]), show_password=True)
+    return make_conninfo(url, host="127.0.0.1", password=conninfo_to_dict(tcp)["password"])
 
 
 def test_databases_on_one_server_keep_their_own_logins(pg_server: PgServer) -> None:
