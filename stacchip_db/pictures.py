@@ -10,8 +10,10 @@ Both render with matplotlib's Agg backend (no display needed) into PNG files:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
@@ -20,7 +22,10 @@ import shapely
 
 from stacchip_db.dataset import ChipSelection
 from stacchip_db.errors import StacchipError
+from stacchip_db.prechip import FailedChip, failed_chips
 from stacchip_db.reader import platform_for, read_item_chips
+
+log = logging.getLogger(__name__)
 
 MAX_PREVIEW = 16
 """Default number of chips in a preview."""
@@ -59,6 +64,19 @@ def stretch(
     return out
 
 
+@dataclass
+class Preview:
+    """What `preview_png` drew: `tiles` chips shown, of which `failures` could not be read."""
+
+    tiles: int
+    failures: list[FailedChip] = field(default_factory=list)
+
+    @property
+    def drawn(self) -> int:
+        """Chips drawn with their pixels."""
+        return self.tiles - len(self.failures)
+
+
 def preview_png(
     selection: ChipSelection,
     out: str | Path,
@@ -67,15 +85,17 @@ def preview_png(
     rgb: Sequence[str] | None = None,
     max_chips: int = MAX_PREVIEW,
     columns: int | None = None,
-) -> int:
-    """Draw the first `max_chips` chips of the selection; return how many were drawn.
+) -> Preview:
+    """Draw the first `max_chips` chips of the selection; say what was drawn.
 
-    Chips whose assets cannot be read are drawn as an empty tile titled "unreadable".
+    A chip whose asset cannot be read is logged (chip id, href, why), drawn as an empty tile
+    titled "unreadable" and listed in `Preview.failures`: the picture is then incomplete.
     """
     rows = selection.rows[:max_chips]
     if not rows:
         raise PictureError("the selection is empty: nothing to preview; widen the filters")
     tiles: dict[int, np.ndarray | None] = {}
+    failures: list[FailedChip] = []
     positions = sorted(range(len(rows)), key=lambda p: (rows[p].item_key, rows[p].chip_size))
     for (key, chip_size), group in groupby(
         positions, key=lambda p: (rows[p].item_key, rows[p].chip_size)
@@ -91,6 +111,9 @@ def preview_png(
         )
         for i, p in enumerate(members):
             tiles[p] = stretch(got.pixels[i], known.nodata) if got.ok[i] else None
+        for failure in failed_chips([rows[p] for p in members], got.failures):
+            log.warning("%s; drawn as a blank tile", failure)
+            failures.append(failure)
     plt = _pyplot()
     ncols = columns or math.ceil(math.sqrt(len(rows)))
     nrows = math.ceil(len(rows) / ncols)
@@ -106,7 +129,7 @@ def preview_png(
                      fontsize=6)  # fmt: skip
     fig.tight_layout()
     _save(fig, out, plt)
-    return len(rows)
+    return Preview(len(rows), failures)
 
 
 def map_png(selection: ChipSelection, out: str | Path, *, title: str | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import matplotlib.image
@@ -71,3 +72,23 @@ def test_empty_selection_is_a_one_line_error(database_url: str, tmp_path: Path) 
     line = error_line(run_cli(["map", "--out", str(tmp_path / "m.png")],
                               database_url=database_url))  # fmt: skip
     assert "nothing to map" in line
+
+
+def test_preview_of_unreadable_chips_names_them_and_exits_3(
+    database_url: str, s2_items: list[dict], tmp_path: Path
+) -> None:
+    broken = copy.deepcopy(s2_items[0])
+    for band in ("red", "green"):  # two of the three RGB assets gone: still one failure a chip
+        broken["assets"][band]["href"] = str(tmp_path / f"gone-{band}.tif")
+    store_indexed(database_url, [broken], chip_size=CHIP)
+    out = tmp_path / "preview.png"
+    result = run_cli(
+        ["preview", "-n", "4", "--seed", "1", "--out", str(out)], database_url=database_url
+    )
+    assert result.exit_code == 3, result.output
+    assert "drew 0 of 4 selected chips" in result.stdout
+    assert "4 chips could not be read" in result.stdout
+    named = [line for line in result.stderr.splitlines() if "cannot read" in line]
+    assert len(named) == 4, result.stderr
+    assert all(f"chip {broken['id']}-" in line and "gone-" in line for line in named)
+    assert out.exists()  # the picture is still written, with blank tiles
