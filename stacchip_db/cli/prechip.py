@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from stacchip_db.cli.options import CliContext, with_database
-from stacchip_db.cli.selection_options import selection_options
+from stacchip_db.cli.selection_options import selection_options, warn_empty
 from stacchip_db.dataset import STATEMENT_TIMEOUT_S, ChipSelection, load_selection
 from stacchip_db.db import Database
 from stacchip_db.errors import ConfigError
@@ -51,18 +51,25 @@ def select(
     chip_filter: ChipFilter,
     sampling: Sampling | None,
 ) -> ChipSelection:
-    """The chips the command's options select (read-only, with the statement timeout)."""
+    """The chips the command's options select (read-only, with the statement timeout); a
+    warning on stderr says why when there are none."""
+    built = None
     if query is not None:
         if chip_filter != ChipFilter() or sampling is not None:
             raise ConfigError(
                 "pass either --query SQL or filter/sample options, not both (put the filters "
                 "into the query's WHERE clause)"
             )
-        return load_selection(db.url, query, statement_timeout_s=statement_timeout)
-    built = build_selection(chip_filter, sampling)
-    return load_selection(
-        db.url, built.query, built.params, statement_timeout_s=statement_timeout
-    )
+        selection = load_selection(db.url, query, statement_timeout_s=statement_timeout)
+    else:
+        built = build_selection(chip_filter, sampling)
+        selection = load_selection(
+            db.url, built.query, built.params, statement_timeout_s=statement_timeout
+        )
+    if not selection.rows:
+        with db.connect() as conn:
+            warn_empty(conn, built)
+    return selection
 
 
 def band_options(func: Callable[..., Any]) -> Callable[..., Any]:
