@@ -3,6 +3,7 @@ with `stats`, `preview` and `map`."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from stacchip_db.db import Database
 from stacchip_db.errors import ConfigError
 from stacchip_db.reader import PLATFORMS
 from stacchip_db.selection import ChipFilter, Sampling, build_selection
+
+log = logging.getLogger(__name__)
 
 EXIT_CHIPS_FAILED = 3
 """Exit status of an export that finished but left out chips it could not read."""
@@ -53,6 +56,8 @@ def select(
 ) -> ChipSelection:
     """The chips the command's options select (read-only, with the statement timeout); a
     warning on stderr says why when there are none."""
+    started = time.perf_counter()
+    log.info("selecting chips…")  # loading a large selection takes a while: say so
     built = None
     if query is not None:
         if chip_filter != ChipFilter() or sampling is not None:
@@ -66,6 +71,10 @@ def select(
         selection = load_selection(
             db.url, built.query, built.params, statement_timeout_s=statement_timeout
         )
+    log.info(
+        "selected %d chips of %d items in %.1f s",
+        len(selection), len(selection.items), time.perf_counter() - started,
+    )  # fmt: skip
     if not selection.rows:
         with db.connect() as conn:
             warn_empty(conn, built)
