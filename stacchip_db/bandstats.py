@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,19 @@ import yaml
 
 from stacchip_db.dataset import ChipSelection
 from stacchip_db.errors import StacchipError
-from stacchip_db.prechip import ReadTask, TaskResult, plan_cubes, read_tasks, run_tasks
+from stacchip_db.prechip import (
+    FailedChip,
+    ReadTask,
+    TaskResult,
+    failed_chips,
+    plan_cubes,
+    read_tasks,
+    run_tasks,
+)
 from stacchip_db.reader import read_item_chips
 from stacchip_db.sensors import SENSORS, sensor_for
+
+log = logging.getLogger(__name__)
 
 
 class StatsError(StacchipError):
@@ -167,11 +178,16 @@ def task_stats(nodata: dict[str, float], task: ReadTask) -> TaskResult:
 
 @dataclass
 class StatsResult:
-    """Statistics per group (platform or collection), and how many chips were left out."""
+    """Statistics per group (platform or collection), and the chips left out (unreadable)."""
 
     groups: dict[str, BandStats]
     chips: int = 0
-    failed: int = 0
+    failures: list[FailedChip] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        """How many chips could not be read."""
+        return len(self.failures)
 
 
 def selection_stats(
@@ -185,7 +201,8 @@ def selection_stats(
 ) -> StatsResult:
     """Band statistics of the selected chips, read like prechip reads them (`jobs` workers).
 
-    Chips whose asset cannot be read are counted in `failed` and left out.
+    Chips whose asset cannot be read are left out, listed in `failures` and logged one line
+    each (chip id and href), as prechip does.
     """
     # Cubes only as units of work here: chip sizes may differ, so plan each size apart.
     plans = []
@@ -204,7 +221,11 @@ def selection_stats(
         previous = result.groups.get(group)
         result.groups[group] = done.value if previous is None else previous.merge(done.value)
         result.chips += int(done.ok.sum())
-        result.failed += len(done.failures)
+        plan = plans[done.task.cube]
+        failures = failed_chips([plan.rows[p] for p in done.task.positions], done.failures)
+        for failure in failures:
+            log.warning("%s; left out of the statistics", failure)
+        result.failures += failures
         if progress is not None:
             progress(len(done.task.positions))
     return result

@@ -157,5 +157,6 @@ def export_index(
                 raise ExportError(f"cannot write {path}: {reason}; choose another OUT_DIR") from e
             result.files += 1
             result.chips += table.num_rows
-    log.info("exported %d chips of %d items to %s", result.chips, result.files, out)
+    # debug: the caller reports the result (the CLI prints it once)
+    log.debug("exported %d chips of %d items to %s", result.chips, result.files, out)
     return result

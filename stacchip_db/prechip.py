@@ -307,6 +307,26 @@ def run_tasks(
 # -- assembling and writing cubes ---------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FailedChip:
+    """A selected chip that could not be read: the first asset href that failed it, and why.
+
+    prechip, stats and preview report these one line each and count chips (not chip x asset).
+    """
+
+    row: ChipRow
+    href: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"chip {self.row.chip_id}: cannot read {self.href} ({self.message})"
+
+
+def failed_chips(rows: Sequence[ChipRow], failures: Sequence[ChipFailure]) -> list[FailedChip]:
+    """The reader's failures (positions in `rows`) as `FailedChip`s."""
+    return [FailedChip(rows[f.position], f.href, f.message) for f in failures]
+
+
 @dataclass
 class CubeRead:
     """A cube's pixels (float32, all planned rows) and which rows could be read."""
@@ -314,7 +334,7 @@ class CubeRead:
     plan: CubePlan
     pixels: np.ndarray
     ok: np.ndarray
-    failures: list[tuple[ChipRow, str, str]] = field(default_factory=list)
+    failures: list[FailedChip] = field(default_factory=list)
 
 
 def read_cubes(
@@ -376,9 +396,8 @@ def read_cubes(
             task = result.task
             cube = cube_of(task)
             cube.ok[_rows(task)] = result.ok
-            for failure in result.failures:
-                row = cube.plan.rows[task.positions[failure.position]]
-                cube.failures.append((row, failure.href, failure.message))
+            rows = [cube.plan.rows[p] for p in task.positions]
+            cube.failures += failed_chips(rows, result.failures)
             if progress is not None:
                 progress(len(task.positions))
             remaining[task.cube] -= 1
@@ -548,7 +567,10 @@ class PrechipSummary:
         if self.not_in_full_cube:
             text += f"; {self.not_in_full_cube} left over in a partial cube (--keep-partial)"
         if self.failed:
-            text += f"; {self.failed} chips could not be read and were left out"
+            text += (
+                f"; {self.failed} chip{'s' * (self.failed != 1)} could not be read and were "
+                "left out"
+            )
         return text
 
 
@@ -592,14 +614,8 @@ def export_cubes(
     bands_of: dict[str, list[str]] = {}
     for cube in read_cubes(plans, selection.items, jobs=jobs, lanes=lanes, progress=progress):
         plan = cube.plan
-        for row, href, message in cube.failures:
-            log.warning(
-                "chip %s: cannot read %s (%s); left out of %s",
-                row.chip_id,
-                href,
-                message,
-                plan.name,
-            )
+        for failure in cube.failures:
+            log.warning("%s; left out of %s", failure, plan.name)
         summary.failed += len(cube.failures)
         arrays = cube_arrays(cube, selection.items)
         del cube.pixels

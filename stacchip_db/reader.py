@@ -12,7 +12,8 @@ the same asset. Local reads are CPU-bound (tile decompression), so they use one 
 parallelism there comes from worker processes (`prechip --jobs`).
 
 A window that cannot be read fails its chip, not the item: `ItemChips.failures` names the chip
-and the href, and the caller decides (prechip leaves the chip out and carries on).
+and the first href that failed it (one entry per chip), and the caller decides (prechip leaves
+the chip out and carries on).
 """
 
 from __future__ import annotations
@@ -130,7 +131,10 @@ class ChipFailure:
 
 @dataclass
 class ItemChips:
-    """Pixels of some chips of one item; `ok[i]` False where chip i failed (its pixels are 0)."""
+    """Pixels of some chips of one item; `ok[i]` False where chip i failed (its pixels are 0).
+
+    `failures` has one entry per failed chip: the first asset that failed it.
+    """
 
     pixels: np.ndarray
     ok: np.ndarray
@@ -246,8 +250,9 @@ def read_item_chips(
 
     def fail(position: int, href: str, exc: BaseException) -> None:
         with lock:
-            ok[position] = False
-            failures.append(ChipFailure(position, href, _first_line(exc)))
+            if ok[position]:  # one failure per chip (its first asset), so callers count chips
+                ok[position] = False
+                failures.append(ChipFailure(position, href, _first_line(exc)))
 
     work = _lanes(reads, n, lanes)
 

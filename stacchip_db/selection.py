@@ -142,11 +142,16 @@ class Sampling:
 
 @dataclass(frozen=True)
 class SelectionQuery:
-    """One SELECT returning `CHIP_COLUMNS`: psycopg SQL with named placeholders, and values."""
+    """One SELECT returning `CHIP_COLUMNS`: psycopg SQL with named placeholders, and values.
+
+    `chip_filter` and `sampling` are what it was built from (`explain_empty` reads them).
+    """
 
     query: sql.Composed
     params: dict[str, Any] = field(default_factory=dict)
     inlined: sql.Composed | None = None
+    chip_filter: ChipFilter | None = None
+    sampling: Sampling | None = None
 
     def as_string(self) -> str:
         """The query with every value inlined as a literal: paste it into psql or QGIS."""
@@ -262,7 +267,11 @@ def build_selection(
         return sql.SQL(text)
 
     return SelectionQuery(
-        query=call(placeholder), params=dict(arguments), inlined=call(literal)
+        query=call(placeholder),
+        params=dict(arguments),
+        inlined=call(literal),
+        chip_filter=chip_filter,
+        sampling=sampling,
     )
 
 
@@ -302,6 +311,181 @@ def fetch_chips(conn: psycopg.Connection, selection: SelectionQuery) -> pa.Table
             "nodata_fraction": pa.array(columns[8], pa.float32()),
             "geometry": pa.array(list(wkb), pa.binary()),
         }
+    )
+
+
+# -- why a selection is empty -----------------------------------------------------------------
+
+# Filters checked one at a time, in this order, by `explain_empty`: the first that matches no
+# chip on its own is named. (ChipFilter fields that go together are checked together.)
+_ALONE = (
+    ("collections",),
+    ("chip_size",),
+    ("bbox",),
+    ("intersects",),
+    ("start", "end"),
+    ("months",),
+    ("quarters",),
+    ("max_cloud",),
+    ("max_nodata",),
+)
+
+
+def explain_empty(conn: psycopg.Connection, selection: SelectionQuery) -> str:
+    """Why `selection` returned no chips, as one line naming the filter that removed them all.
+
+    Run it only once a selection came back empty: it asks the database a few `EXISTS`
+    questions (each filter alone, then the split without and with its buffer) and says which
+    filter matches nothing by itself (a collection that does not exist, with the closest names
+    that do; a bbox outside every chip, or one whose numbers look like lat,lon; a time range,
+    size or fraction no chip has) or that the split holds none of the chips the other filters
+    keep. When every filter matches chips alone, it says that only their combination is empty.
+    """
+    f = selection.chip_filter
+    sampling = selection.sampling
+    if sampling is not None and sampling.n == 0:
+        return "the sample size n is 0"
+    if f is None:
+        return "the query selected no chips"
+    if not _exists(conn, ChipFilter()):
+        return "the database holds no chips yet: index or ingest items first"
+    notes: list[str] = []
+    missing = [c for c in f.collections if not _exists(conn, ChipFilter(collections=(c,)))]
+    if missing:
+        notes.append(_missing_collections(conn, missing))
+        if len(missing) == len(f.collections):
+            return notes[0]
+    for names in _ALONE[1:]:
+        alone = ChipFilter(**{name: getattr(f, name) for name in names})
+        if alone != ChipFilter() and not _exists(conn, alone):
+            return "; ".join([*notes, _no_chip_alone(conn, f, names[0])])
+    if f.split is not None:
+        kept = _split_reason(conn, f)
+        if kept is not None:
+            return "; ".join([*notes, kept])
+    return "; ".join(
+        [*notes, "each filter matches chips on its own, but no chip passes all of them together: "
+         "widen one of them"]
+    )
+
+
+def _exists(conn: psycopg.Connection, chip_filter: ChipFilter) -> bool:
+    built = build_selection(chip_filter, limit=1)
+    query = sql.SQL("SELECT EXISTS ({})").format(built.query)
+    return bool(conn.execute(query, built.params, prepare=False).fetchone()[0])
+
+
+def _missing_collections(conn: psycopg.Connection, missing: Sequence[str]) -> str:
+    import difflib
+
+    present = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM pgstac.collections AS c WHERE EXISTS "
+            "(SELECT 1 FROM stacchip.chips WHERE collection = c.id) ORDER BY id"
+        )
+    ]
+    names = ", ".join(repr(c) for c in missing)
+    text = f"no chips of collection {names}"
+    close = sorted({m for c in missing for m in difflib.get_close_matches(c, present, n=2)})
+    if close:
+        text += f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    shown = ", ".join(present[:10])
+    if len(present) > 10:
+        shown += f" and {len(present) - 10} more"
+    return f"{text}; collections with chips: {shown}"
+
+
+def _no_chip_alone(conn: psycopg.Connection, f: ChipFilter, name: str) -> str:
+    """The line for a filter that alone matches no chip, with what the chips do have."""
+    if name == "chip_size":
+        sizes = [r[0] for r in conn.execute(
+            "SELECT DISTINCT chip_size FROM stacchip.chips ORDER BY 1")]  # fmt: skip
+        return f"no chips of size {f.chip_size} px; sizes indexed: {', '.join(map(str, sizes))}"
+    if name == "bbox":
+        assert f.bbox is not None
+        minx, miny, maxx, maxy = f.bbox
+        box = ",".join(f"{v:g}" for v in f.bbox)
+        swapped = (miny, minx, maxy, maxx)
+        if all(abs(v) <= 90 for v in (minx, maxx)) and _exists(conn, ChipFilter(bbox=swapped)):
+            return (
+                f"bbox {box} is outside every chip, but read as lat,lon it is not: give "
+                f"lon,lat order minx,miny,maxx,maxy = {','.join(f'{v:g}' for v in swapped)}"
+            )
+        return f"bbox {box} is outside every chip; {_extent(conn)}"
+    if name == "intersects":
+        return f"the intersects geometry is outside every chip; {_extent(conn)}"
+    if name == "start":
+        first, last = conn.execute(
+            "SELECT min(datetime), max(datetime) FROM stacchip.chips"
+        ).fetchone()
+        bounds = [f"on or after {_instant(f.start)}" if f.start else "",
+                  f"before {_instant(f.end)}" if f.end else ""]  # fmt: skip
+        return (
+            f"no chip is dated {' and '.join(b for b in bounds if b)}; chips are dated "
+            f"{first.date().isoformat()} to {last.date().isoformat()}"
+        )
+    if name in ("months", "quarters"):
+        field_name = "month" if name == "months" else "quarter"
+        have = [r[0] for r in conn.execute(sql.SQL(
+            "SELECT DISTINCT extract({} FROM datetime AT TIME ZONE 'UTC')::int "
+            "FROM stacchip.chips ORDER BY 1").format(sql.SQL(field_name)))]  # fmt: skip
+        asked = ",".join(map(str, getattr(f, name)))
+        return f"no chip is from {name} {asked}; chips are from {name} {','.join(map(str, have))}"
+    column = "cloud_fraction" if name == "max_cloud" else "nodata_fraction"
+    lowest = conn.execute(
+        sql.SQL("SELECT min({}) FROM stacchip.chips").format(sql.Identifier(column))
+    ).fetchone()[0]
+    return f"no chip has {column} <= {getattr(f, name):g}; the lowest is {lowest:.3g}"
+
+
+def _instant(moment: datetime) -> str:
+    """A bound as users write it: the date alone at midnight UTC, else the ISO datetime."""
+    if moment.astimezone(UTC).time() == time() and moment.utcoffset() == timedelta(0):
+        return moment.date().isoformat()
+    return moment.isoformat()
+
+
+def _extent(conn: psycopg.Connection) -> str:
+    """Where the chips are: the bounding box of their items' footprints (cheap, from pgstac)."""
+    box = conn.execute(
+        "SELECT ST_XMin(e), ST_YMin(e), ST_XMax(e), ST_YMax(e) FROM (SELECT ST_Extent(i.geometry)"
+        " AS e FROM pgstac.items AS i WHERE EXISTS (SELECT 1 FROM stacchip.chips AS c "
+        "WHERE c.collection = i.collection AND c.item_id = i.id)) AS x"
+    ).fetchone()
+    minx, miny, maxx, maxy = box
+    return f"the chips lie within lon {minx:.4g}..{maxx:.4g}, lat {miny:.4g}..{maxy:.4g}"
+
+
+def _split_reason(conn: psycopg.Connection, f: ChipFilter) -> str | None:
+    """Why the split is empty when the other filters keep chips; None when they keep none."""
+    from dataclasses import replace
+
+    others = replace(f, split=None, split_buffer=None)
+    built = build_selection(others)
+    counts = dict(
+        conn.execute(
+            sql.SQL(
+                "SELECT stacchip.chip_split(geometry, %(_block)s::float8, "
+                "%(_fractions)s::float8[]), count(*) FROM ({}) AS chips GROUP BY 1"
+            ).format(built.query),
+            {**built.params, "_block": f.block_size, "_fractions": list(f.split_fractions)},
+            prepare=False,
+        ).fetchall()
+    )
+    total = sum(counts.values())
+    if total == 0:
+        return None
+    if counts.get(f.split, 0) == 0:
+        where = ", ".join(f"{n} in {name}" for name, n in sorted(counts.items()))
+        return (
+            f"split {f.split!r} holds none of the {total} chips the other filters keep ({where}; "
+            f"{f.block_size:g}-degree blocks): choose another split, a smaller block size or a "
+            "larger area"
+        )
+    return (
+        f"split {f.split!r} has {counts[f.split]} of the {total} chips the other filters keep, "
+        f"but all of them come within {f.split_buffer:g} degrees of a block edge (split buffer)"
     )
 
 
@@ -379,6 +563,11 @@ def parse_interval(text: str) -> tuple[datetime | None, datetime | None]:
     end = None if end_text.strip() in ("", "..") else parse_end(end_text)
     if start is None and end is None:
         raise SelectionError(f"interval {text!r} is open at both ends: give a start or an end")
+    if start is not None and end is not None and start >= end:
+        raise SelectionError(
+            f"interval {text!r} is empty: it ends ({end_text.strip()}, inclusive) before it "
+            f"starts ({start_text.strip()}); give the earlier date first"
+        )
     return start, end
 
 

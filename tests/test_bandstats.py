@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,19 @@ def test_stats_over_mixed_chip_sizes(database_url: str, s2_items: list[dict]) ->
         run_cli(["prechip", "--query", ALL, "--out", "unused"], database_url=database_url)
     )
     assert "mixes chip sizes" in line
+
+
+def test_stats_names_unreadable_chips_and_counts_chips(
+    database_url: str, s2_items: list[dict], tmp_path: Path
+) -> None:
+    broken = copy.deepcopy(s2_items[1])
+    broken["assets"]["nir"]["href"] = str(tmp_path / "gone.tif")
+    broken["assets"]["blue"]["href"] = str(tmp_path / "gone-too.tif")  # two assets, one count
+    good = store_indexed(database_url, s2_items[:1], chip_size=CHIP)
+    failed = store_indexed(database_url, [broken], chip_size=CHIP)
+    result = run_cli(["stats", "--query", ALL, "--jobs", "2"], database_url=database_url)
+    assert result.exit_code == 3, result.output
+    assert f"{good} chips; {failed} chips could not be read and were left out" in result.stdout
+    named = [line for line in result.stderr.splitlines() if "cannot read" in line]
+    assert len(named) == failed
+    assert all(f"chip {broken['id']}-" in line and "gone" in line for line in named), named

@@ -67,6 +67,8 @@ def test_unreachable_database_is_one_line_with_masked_password() -> None:
     result = run_cli(["db", "doctor"], database_url=url)
     error = error_line(result)
     assert "cannot connect to the database at postgresql://alice:***@127.0.0.1" in error
+    assert "Connection refused" in error  # libpq's reason, then its hint said once, not twice
+    assert error.lower().count("is the server running") == 1, error
     assert "hunter2" not in result.output
 
 

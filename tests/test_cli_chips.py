@@ -188,3 +188,85 @@ def test_bad_options_are_usage_errors_naming_the_option(
 def test_a_database_behind_is_one_line(empty_database_url: str) -> None:
     result = run_cli(["chips"], database_url=empty_database_url)
     assert "db init" in error_line(result)
+
+
+def _warning(result) -> str:
+    """The one warning line of a command that selected nothing (and still exited 0)."""
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith("Warning: no chips selected: ")
+    return warnings[0]
+
+
+def test_a_misspelt_collection_is_named_with_the_closest(chips_url: str) -> None:
+    line = _warning(run_cli(["chips", "--collection", "sentinel-2-l2"], database_url=chips_url))
+    assert "no chips of collection 'sentinel-2-l2' (did you mean 'sentinel-2-l2a'?)" in line
+    assert "collections with chips: landsat-c2-l2, sentinel-2-l2a" in line
+
+
+def test_a_bbox_in_lat_lon_order_is_recognised(chips_url: str) -> None:
+    line = _warning(run_cli(["chips", "--bbox", "45.0,10.0,45.3,10.3"], database_url=chips_url))
+    assert "bbox 45,10,45.3,10.3 is outside every chip, but read as lat,lon it is not" in line
+    assert "minx,miny,maxx,maxy = 10,45,10.3,45.3" in line
+
+
+def test_a_bbox_outside_every_chip_says_where_the_chips_are(chips_url: str) -> None:
+    line = _warning(run_cli(["sample", "-n", "5", "--bbox", "100,10,101,11"],
+                            database_url=chips_url))  # fmt: skip
+    assert "bbox 100,10,101,11 is outside every chip" in line
+    assert "the chips lie within lon 10..20.3, lat -5.2..45.2" in line
+
+
+def test_a_time_range_without_chips_says_when_the_chips_are(chips_url: str) -> None:
+    line = _warning(run_cli(["chips", "--datetime", "2010/2011"], database_url=chips_url))
+    assert "no chip is dated on or after 2010-01-01 and before 2012-01-01" in line
+    assert "chips are dated 2019-01-05 to 2021-11-20" in line
+
+
+def test_a_split_without_chips_is_named(chips_url: str) -> None:
+    bbox = "10,45,10.3,45.3"  # one 1-degree block: its chips all land in one split
+    with psycopg.connect(chips_url) as conn:
+        held = {row[0] for row in conn.execute(
+            "SELECT DISTINCT stacchip.chip_split(geometry, 1.0) FROM stacchip.select_chips("
+            "bbox => '{10,45,10.3,45.3}')")}  # fmt: skip
+    empty = next(split for split in ("train", "val", "test") if split not in held)
+    line = _warning(run_cli(["chips", "--bbox", bbox, "--split", empty], database_url=chips_url))
+    assert f"split '{empty}' holds none of the" in line
+    assert "chips the other filters keep" in line
+
+
+def test_filters_empty_only_together_say_so(chips_url: str) -> None:
+    result = run_cli(["chips", "--collection", "landsat-c2-l2", "--datetime", "2020"],
+                     database_url=chips_url)  # fmt: skip
+    assert "no chip passes all of them together" in _warning(result)
+
+
+def test_exporters_warn_about_an_empty_selection(chips_url: str, tmp_path: Path) -> None:
+    result = run_cli(["prechip", "--collection", "naip", "--out", str(tmp_path / "cubes")],
+                     database_url=chips_url)  # fmt: skip
+    assert "no chips of collection 'naip'" in _warning(result)
+    query = "SELECT * FROM stacchip.chips WHERE false"
+    result = run_cli(["stats", "--query", query], database_url=chips_url)
+    assert "the query selected no chips" in _warning(result)
+
+
+def test_an_empty_database_says_to_index_first(database_url: str) -> None:
+    line = _warning(run_cli(["chips"], database_url=database_url))
+    assert "holds no chips yet" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "quoted"),
+    [
+        (["--datetime", "2021/2020"], "interval '2021/2020' is empty: it ends (2020, inclusive)"),
+        (["--start", "2021", "--end", "2020"], "--end 2020 (inclusive) is before --start 2021"),
+    ],
+)
+def test_an_empty_time_range_quotes_what_was_typed(
+    chips_url: str, args: list[str], quoted: str
+) -> None:
+    result = run_cli(["chips", *args], database_url=chips_url)
+    assert result.exit_code == 2, result.output
+    assert "T00:00:00" not in result.stderr  # never the internal exclusive bound
+    assert quoted in result.stderr, result.stderr

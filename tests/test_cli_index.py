@@ -131,35 +131,80 @@ def test_a_malformed_item_is_reported_and_the_others_stored(
     good = lines[:2] + lines[3:]
     assert _chip_count(database_url) == _expected_chips(good, 1024)
     assert _chip_count(database_url, bad_id) == 0
-    assert "indexed 5 items" in result.stdout and "1 items failed" in result.stdout
+    assert "indexed 5 items" in result.stdout and "1 item failed" in result.stdout
 
 
-def test_broken_json_line_and_missing_file_are_one_line_each(
+def test_a_broken_json_line_is_one_line_and_the_others_are_stored(
     database_url: str, fixtures_dir: Path, tmp_path: Path
 ) -> None:
     lines = _naip_lines(fixtures_dir, 2)
     path = tmp_path / "broken.ndjson"
     path.write_text(lines[0] + "\n{not json\n" + lines[1] + "\n")
-    result = run_cli(
-        [
-            "index",
-            "--quality",
-            "none",
-            "--chip-size",
-            "2048",
-            "--json",
-            str(path),
-            str(tmp_path / "nope.json"),
-        ],
-        database_url=database_url,
-    )
+    args = ["index", "--quality", "none", "--chip-size", "2048", "--json", str(path)]
+    result = run_cli(args, database_url=database_url)
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 2, result.stderr
+    assert len(errors) == 1, result.stderr
     assert "broken.ndjson line 2: not JSON" in errors[0]
-    assert "nope.json" in errors[1]
     summary = json.loads(result.stdout)
-    assert summary["items"] == 2 and summary["failed"] == 2
+    assert summary["items"] == 2 and summary["failed"] == 1
+
+
+def test_a_missing_input_is_a_usage_error_and_nothing_is_indexed(
+    database_url: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    good = tmp_path / "good.ndjson"
+    good.write_text("\n".join(_naip_lines(fixtures_dir, 2)) + "\n")
+    result = run_cli(["index", str(good), str(tmp_path / "nope.json")], database_url=database_url)
+    assert result.exit_code == 2, result.output
+    assert "nope.json does not exist" in result.stderr
+    assert "Traceback" not in result.output
+    assert _chip_count(database_url) == 0  # checked before anything is read
+
+
+def test_a_folder_is_read_whole_and_one_item_is_singular(
+    database_url: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    lines = _naip_lines(fixtures_dir, 3)
+    folder = tmp_path / "items"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "a.json").write_text(lines[0])
+    (folder / "nested" / "b.ndjson").write_text(lines[1] + "\n" + lines[2] + "\n")
+    (folder / "notes.txt").write_text("not an item")  # other files are left alone
+    (folder / ".hidden.json").write_text("{broken")  # hidden files too
+    result = run_cli(["index", "--quality", "none", "--chip-size", "2048", str(folder)],
+                     database_url=database_url)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "indexed 3 items" in result.stdout
+    assert _chip_count(database_url) == _expected_chips(lines, 2048)
+
+    one = tmp_path / "one.json"
+    one.write_text(lines[0])
+    result = run_cli(["index", "--quality", "none", "--chip-size", "2048", "--no-bulk", str(one)],
+                     database_url=database_url)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "indexed 1 item:" in result.stdout
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli(["index", str(empty)], database_url=database_url)
+    assert result.exit_code == 2, result.output
+    assert "folder" in result.stderr and "holds no .json" in result.stderr
+    assert "Is a directory" not in result.stderr
+
+
+def test_a_collection_document_is_named_as_such(
+    database_url: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    (folder / "item.json").write_text(_naip_lines(fixtures_dir, 1)[0])
+    (folder / "collection.json").write_text(json.dumps({"type": "Collection", "id": "naip"}))
+    result = run_cli(["index", "--quality", "none", "--chip-size", "2048", str(folder)],
+                     database_url=database_url)  # fmt: skip
+    assert result.exit_code == 1
+    assert "collection.json: a STAC Collection, not an item" in error_line(result)
+    assert "indexed 1 item:" in result.stdout
 
 
 # http.server with single byte ranges, which GDAL needs to read a COG over HTTP.

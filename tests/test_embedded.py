@@ -62,6 +62,7 @@ def test_start_twice_status_stop_status(home: Path) -> None:
     first = run_cli(["db", "start"], home=home)
     assert first.exit_code == 0, first.output
     assert "the embedded database started (pid" in first.stdout
+    assert first.output.count("started") == 1, first.output  # said once, not logged again
 
     again = _cli_subprocess(home, "db", "start")  # a second process reuses the cluster
     assert again.returncode == 0, again.stderr
@@ -79,6 +80,7 @@ def test_start_twice_status_stop_status(home: Path) -> None:
 
     stop = run_cli(["db", "stop"], home=home)
     assert stop.exit_code == 0 and "stopped the embedded database" in stop.stdout
+    assert stop.output.count("stopped") == 1, stop.output
     stopped = run_cli(["db", "status"], home=home)
     assert stopped.exit_code == 3
     assert "stopped" in stopped.stdout

@@ -35,7 +35,8 @@ def test_export_round_trip_with_geopandas(
     out = tmp_path / "export"
     result = run_cli(["export-index", "--chip-size", "64", str(out)], database_url=database_url)
     assert result.exit_code == 0, result.output
-    assert f"exported {chips.num_rows:,} chips of 1 items" in result.stdout
+    assert f"exported {chips.num_rows:,} chips of 1 item to" in result.stdout
+    assert result.output.count("exported") == 1, result.output  # the summary once, not twice
     path = out / item["collection"] / item["id"] / f"index_{item['id']}.parquet"
     assert sorted(p.relative_to(out) for p in out.rglob("*.parquet")) == [path.relative_to(out)]
 

@@ -29,6 +29,7 @@ def test_wheel_ships_migrations_and_sql_and_init_works_from_it(
     assert "stacchip_db/alembic/env.py" in names
     for revision in (REPO / "alembic" / "versions").glob("*.py"):
         assert f"stacchip_db/alembic/versions/{revision.name}" in names
+    assert "stacchip_db/basemap/ne_110m_countries.geojson" in names  # the map's outline
     for sql in (REPO / "sql").glob("*.sql"):
         assert f"stacchip_db/sql/{sql.name}" in names
 

@@ -191,6 +191,7 @@ def test_unreadable_asset_leaves_chips_out_and_the_run_goes_on(
 ) -> None:
     broken = copy.deepcopy(s2_items[1])
     broken["assets"]["nir"]["href"] = str(tmp_path / "gone.tif")
+    broken["assets"]["red"]["href"] = str(tmp_path / "gone-too.tif")  # counted once per chip
     store(database_url, [s2_items[0], broken])
     out = tmp_path / "cubes"
     with psycopg.connect(database_url) as conn:
@@ -204,7 +205,7 @@ def test_unreadable_asset_leaves_chips_out_and_the_run_goes_on(
     assert result.exit_code == 3, result.output
     failed = per_item[broken["id"]]
     assert f"{failed} chips could not be read" in result.stdout
-    warnings = [line for line in result.stderr.splitlines() if "gone.tif" in line]
+    warnings = [line for line in result.stderr.splitlines() if "gone" in line]
     assert len(warnings) == failed
     assert f"{broken['id']}-" in warnings[0]
     rows = manifest(out, broken["collection"])

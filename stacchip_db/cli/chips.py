@@ -19,7 +19,7 @@ import pyarrow as pa
 import shapely
 
 from stacchip_db.cli.options import with_database
-from stacchip_db.cli.selection_options import filter_options, sample_options
+from stacchip_db.cli.selection_options import filter_options, sample_options, warn_empty
 from stacchip_db.db import Database, translate_errors
 from stacchip_db.selection import (
     ChipFilter,
@@ -76,6 +76,8 @@ def _run(
     with db.connect() as conn, translate_errors("selecting chips"):
         conn.execute("SET TRANSACTION READ ONLY")
         table = fetch_chips(conn, selection)
+        if table.num_rows == 0:
+            warn_empty(conn, selection)
     if output_format == "parquet":
         _to_geodataframe(table).to_parquet(output, index=False)
     else:

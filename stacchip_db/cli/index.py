@@ -26,13 +26,15 @@ from urllib.parse import urljoin, urlparse
 
 import click
 
-from stacchip_db.cli.options import CliContext, pass_cli, with_database
+from stacchip_db.cli.options import CliContext, pass_cli, plural, with_database
 from stacchip_db.db.connection import Database
 from stacchip_db.errors import StacchipError
 
 QUALITY_RULES = ("auto", "s2", "landsat", "modis", "none")
 """`--quality` choices: the rules of `stacchip_db.quality` (kept here to import it lazily)."""
 NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".geojsonl", ".geojsons")
+ITEM_SUFFIXES = (".json", ".geojson", *NDJSON_SUFFIXES)
+"""Files `index` reads from a folder."""
 
 
 @dataclass
@@ -90,22 +92,22 @@ class Summary:
     def line(self) -> str:
         rate = f", {self.chips / self.seconds:,.0f} chips/s" if self.seconds else ""
         parts = [
-            f"indexed {self.items} items: {self.chips:,} chips stored",
+            f"indexed {plural(self.items, 'item')}: {self.chips:,} chips stored",
             f"{self.dropped_nodata:,} dropped for nodata",
         ]
         if self.skipped:
-            parts.append(f"{self.skipped} items already stored")
+            parts.append(f"{plural(self.skipped, 'item')} already stored")
         if self.duplicates:
-            parts.append(f"{self.duplicates} duplicate items (the last of each stored)")
+            parts.append(f"{plural(self.duplicates, 'duplicate item')} (the last of each stored)")
         if self.failed:
-            parts.append(f"{len(self.failed)} items failed")
+            parts.append(f"{plural(len(self.failed), 'item')} failed")
         lines = [", ".join(parts) + f" in {self.seconds:.2f} s{rate}"]
         for row in self.quality_rows():
             asset = f" on asset {row['asset']}" if row["asset"] else ""
             profile = f" ({row['profile']})" if row["profile"] else ""
             lines.append(
                 f"  {row['collection']}: quality {row['rule']}{asset}{profile}, "
-                f"{row['items']} items"
+                f"{plural(row['items'], 'item')}"
             )
         return "\n".join(lines)
 
@@ -140,6 +142,9 @@ def _items_of(document: Any, where: str, base: str) -> Iterator[Source]:
     if isinstance(document, dict) and document.get("type") == "FeatureCollection":
         for n, feature in enumerate(document.get("features") or []):
             yield from _items_of(feature, f"{where} feature {n}", base)
+    elif isinstance(document, dict) and document.get("type") in ("Collection", "Catalog"):
+        yield Source(where, error=f"{where}: a STAC {document['type']}, not an item; index "
+                     "its items (or leave it out of the folder)")
     elif isinstance(document, dict):
         yield Source(where, _absolute_hrefs(document, base))
     else:
@@ -157,6 +162,35 @@ def _lines(lines: Iterator[str], source: str, base: str) -> Iterator[Source]:
             yield Source(where, error=f"{where}: not JSON ({e.msg}); fix or remove the line")
             continue
         yield from _items_of(document, where, base)
+
+
+def expand_sources(sources: tuple[str, ...]) -> tuple[str, ...]:
+    """URLs as given, files checked, folders replaced by the item files under them (sorted).
+
+    Raises click.BadParameter (a usage error: nothing is read) for a path that does not exist
+    or a folder holding no `ITEM_SUFFIXES` file.
+    """
+    what = "give STAC item files (.json, .geojson), ndjson files, folders of them or URLs"
+    expanded: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if _is_url(source) or path.is_file():
+            expanded.append(source)
+        elif path.is_dir():
+            found = sorted(
+                str(p) for p in path.rglob("*")
+                if p.suffix.lower() in ITEM_SUFFIXES and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )  # fmt: skip
+            if not found:
+                raise click.BadParameter(
+                    f"folder {source} holds no {', '.join(ITEM_SUFFIXES)} files; {what}",
+                    param_hint="PATH_OR_URL",
+                )
+            expanded += found
+        else:
+            raise click.BadParameter(f"{source} does not exist; {what}", param_hint="PATH_OR_URL")
+    return tuple(expanded)
 
 
 def read_sources(sources: tuple[str, ...]) -> Iterator[Source]:
@@ -220,7 +254,10 @@ def _one_line(message: str, item_id: str) -> str:
 
 
 @click.command("index")
-@click.argument("sources", nargs=-1, required=True, metavar="PATH_OR_URL...")
+@click.argument(
+    "sources", nargs=-1, required=True, metavar="PATH_OR_URL...",
+    callback=lambda _ctx, _param, value: expand_sources(value),
+)
 @click.option("--collection", help="Collection id for items that have none.")
 @click.option(
     "--quality",
@@ -284,7 +321,10 @@ def index(
     as_json: bool,
     db: Database,
 ) -> None:
-    """Index STAC items (JSON or ndjson files, URLs) into chips in the database.
+    """Index STAC items (JSON or ndjson files, folders of them, URLs) into chips in the database.
+
+    A folder is read whole: every .json, .geojson and ndjson file under it (hidden ones left
+    out). A path that does not exist is a usage error (exit 2) and nothing is indexed.
 
     Each item is upserted into pgstac and its chip rows replaced, many items per transaction.
     Bad items are reported with their id and skipped; the exit code is then 1.
@@ -500,4 +540,4 @@ def export_index(
 
     with db.connect() as conn:
         result = write_index(conn, out_dir, collections=collections or None, chip_size=chip_size)
-    click.echo(f"exported {result.chips:,} chips of {result.files} items to {out_dir}")
+    click.echo(f"exported {result.chips:,} chips of {plural(result.files, 'item')} to {out_dir}")

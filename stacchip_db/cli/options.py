@@ -29,6 +29,11 @@ class CliContext:
 pass_cli = click.make_pass_decorator(CliContext)
 
 
+def plural(n: int, word: str) -> str:
+    """`1 item`, `2 items`: a count with its noun (English plural in -s)."""
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
 def with_database(func: Callable[..., Any]) -> Callable[..., Any]:
     """Give the command a `db: Database` whose schema passed the gate.
 

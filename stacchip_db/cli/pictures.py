@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from stacchip_db.cli.options import with_database
-from stacchip_db.cli.prechip import chip_source_options, select
+from stacchip_db.cli.options import plural, with_database
+from stacchip_db.cli.prechip import EXIT_CHIPS_FAILED, chip_source_options, select
 from stacchip_db.db import Database
 from stacchip_db.selection import ChipFilter, Sampling
 from stacchip_db.sensors import SENSORS
@@ -20,6 +20,7 @@ from stacchip_db.sensors import SENSORS
     type=click.Path(dir_okay=False, path_type=Path),
     default=Path("preview.png"),
     show_default=True,
+    help="The PNG file to write.",
 )
 @click.option(
     "--max-chips",
@@ -49,21 +50,29 @@ def preview(
     platform: str | None,
     rgb: list[str] | None,
 ) -> None:
-    """A PNG grid of the selected chips in RGB (2-98 % stretch), titled with chip ids."""
+    """A PNG grid of the selected chips in RGB (2-98 % stretch), titled with chip ids.
+
+    Exit status 3 when some chips could not be read (they are named on stderr, drawn blank).
+    """
     from stacchip_db.pictures import preview_png
 
     if rgb is not None and len(rgb) != 3:
         raise click.BadParameter(f"{','.join(rgb)!r} is not three bands", param_hint="--rgb")
     selection = select(db, query, statement_timeout, chip_filter, sampling)
     drawn = preview_png(selection, out, platform=platform, rgb=rgb, max_chips=max_chips)
-    click.echo(f"drew {drawn} of {len(selection)} selected chips into {out}")
+    line = f"drew {drawn.drawn} of {len(selection)} selected chips into {out}"
+    if drawn.failures:
+        line += f"; {plural(len(drawn.failures), 'chip')} could not be read (blank tiles)"
+    click.echo(line)
+    if drawn.failures:
+        click.get_current_context().exit(EXIT_CHIPS_FAILED)
 
 
 @click.command("map")
 @chip_source_options
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("map.png"),
-    show_default=True,
+    show_default=True, help="The PNG file to write.",
 )  # fmt: skip
 @with_database
 def map_(

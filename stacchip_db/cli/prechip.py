@@ -3,6 +3,7 @@ with `stats`, `preview` and `map`."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -11,12 +12,14 @@ from typing import Any
 import click
 
 from stacchip_db.cli.options import CliContext, with_database
-from stacchip_db.cli.selection_options import selection_options
+from stacchip_db.cli.selection_options import selection_options, warn_empty
 from stacchip_db.dataset import STATEMENT_TIMEOUT_S, ChipSelection, load_selection
 from stacchip_db.db import Database
 from stacchip_db.errors import ConfigError
 from stacchip_db.selection import ChipFilter, Sampling, build_selection
 from stacchip_db.sensors import SENSORS
+
+log = logging.getLogger(__name__)
 
 EXIT_CHIPS_FAILED = 3
 """Exit status of an export that finished but left out chips it could not read."""
@@ -53,21 +56,34 @@ def select(
     chip_filter: ChipFilter,
     sampling: Sampling | None,
 ) -> ChipSelection:
-    """The chips the command's options select (read-only, with the statement timeout)."""
+    """The chips the command's options select (read-only, with the statement timeout); a
+    warning on stderr says why when there are none."""
+    started = time.perf_counter()
+    log.info("selecting chips…")  # loading a large selection takes a while: say so
+    built = None
     if query is not None:
         if chip_filter != ChipFilter() or sampling is not None:
             raise ConfigError(
                 "pass either --query SQL or filter/sample options, not both (put the filters "
                 "into the query's WHERE clause)"
             )
-        return load_selection(
+        selection = load_selection(
             db.url, query, statement_timeout_s=statement_timeout, query_database_url=db.query_url
         )
-    built = build_selection(chip_filter, sampling)
-    return load_selection(
-        db.url, built.query, built.params, statement_timeout_s=statement_timeout,
-        query_database_url=db.query_url,
+    else:
+        built = build_selection(chip_filter, sampling)
+        selection = load_selection(
+            db.url, built.query, built.params, statement_timeout_s=statement_timeout,
+            query_database_url=db.query_url,
+        )  # fmt: skip
+    log.info(
+        "selected %d chips of %d items in %.1f s",
+        len(selection), len(selection.items), time.perf_counter() - started,
     )  # fmt: skip
+    if not selection.rows:
+        with db.connect() as conn:
+            warn_empty(conn, built)
+    return selection
 
 
 def band_options(func: Callable[..., Any]) -> Callable[..., Any]:

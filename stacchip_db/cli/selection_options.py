@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+import psycopg
 
 from stacchip_db.selection import (
     DEFAULT_BLOCK_SIZE,
@@ -27,6 +28,8 @@ from stacchip_db.selection import (
     ChipFilter,
     Sampling,
     SelectionError,
+    SelectionQuery,
+    explain_empty,
     parse_bbox,
     parse_end,
     parse_int_list,
@@ -42,6 +45,8 @@ _FILTER_PARAMS = (
     "split_fractions", "split_buffer",
 )
 _SAMPLE_PARAMS = ("sample_n", "seed", "stratify_by", "cell_size")
+_TYPED = "stacchip_db.typed"
+"""`click.Context.meta` key: option name -> the text typed, for messages."""
 
 
 def _parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -50,6 +55,7 @@ def _parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Param
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         if value is None:
             return None
+        ctx.meta.setdefault(_TYPED, {})[param.name] = value  # messages quote what was typed
         try:
             return parse(value)
         except SelectionError as exc:
@@ -68,7 +74,14 @@ def _time_bounds(kwargs: dict[str, Any]) -> tuple[Any, Any]:
     if interval is not None:
         if start is not None or end is not None:
             raise _fail("give either --datetime or --start/--end, not both", "--datetime")
-        start, end = interval
+        return interval  # parse_interval refused an empty one, quoting it
+    if start is not None and end is not None and start >= end:
+        typed = click.get_current_context().meta.get(_TYPED, {})
+        raise _fail(
+            f"the time range is empty: --end {typed.get('end')} (inclusive) is before --start "
+            f"{typed.get('start')}; give the earlier date to --start",
+            "--start/--end",
+        )
     return start, end
 
 
@@ -256,3 +269,14 @@ def selection_options(
         return filter_options(sample_options(required=sample_required)(func))
 
     return decorate
+
+
+def warn_empty(conn: psycopg.Connection, selection: SelectionQuery | None) -> None:
+    """One warning line on stderr saying why a selection came back empty (`None`: a --query)."""
+    from stacchip_db.db import translate_errors
+
+    with translate_errors("explaining the empty selection"):
+        reason = "the query selected no chips" if selection is None else explain_empty(
+            conn, selection
+        )
+    click.echo(f"Warning: no chips selected: {reason}", err=True)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from stacchip_db.cli.options import with_database
+from stacchip_db.cli.options import plural, with_database
 from stacchip_db.cli.prechip import ChipProgress, band_options, chip_source_options, quiet, select
 from stacchip_db.db import Database
 from stacchip_db.errors import ConfigError
@@ -52,7 +52,10 @@ def stats_table(groups: dict) -> str:
     help="Statistics of the npz cubes prechip wrote here, instead of a selection.",
 )
 @band_options
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Worker processes reading chips.",
+)  # fmt: skip
 @click.option("--threads", type=click.IntRange(min=1), help="Concurrent reads per item.")
 @click.option(
     "--yaml",
@@ -96,9 +99,9 @@ def stats(
             threads=threads,
         )
     click.echo(stats_table(result.groups))
-    summary = f"{result.chips} chips"
+    summary = plural(result.chips, "chip")
     if result.failed:
-        summary += f"; {result.failed} chips could not be read and were left out"
+        summary += f"; {plural(result.failed, 'chip')} could not be read and were left out"
     click.echo(summary)
     if yaml_path is not None:
         yaml_path.write_text(to_clay_yaml(result.groups))

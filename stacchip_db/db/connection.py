@@ -34,8 +34,14 @@ def resolve_url(settings: Settings) -> str:
 def _explain(exc: psycopg.OperationalError, url: str) -> str:
     """One line saying what went wrong and what to do about it."""
     raw = str(exc).strip()
-    lines = [line for line in raw.splitlines() if line.strip()]
-    detail = lines[-1] if lines else exc.__class__.__name__
+    # libpq: "connection failed: connection to server at … failed: Connection refused", then
+    # its hint "Is the server running …?" (once per address tried): keep the reason, drop the
+    # hint, which our own advice below repeats.
+    lines = [line.strip() for line in raw.splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.lower().startswith("is the server running")]
+    detail = (reasons or lines or [exc.__class__.__name__])[-1]
+    for prefix in ("connection failed: ", "connection is bad: "):
+        detail = detail.removeprefix(prefix)
     lowered = raw.lower()
     masked = mask_url(url)
     if "password authentication failed" in lowered or "no password supplied" in lowered:

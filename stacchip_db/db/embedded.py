@@ -186,7 +186,8 @@ class EmbeddedCluster:
             _replace_file(self.port_file, f"{port}\n", durable=self.durable)
             self._create_database()
             started = self.status()
-            log.info("started the embedded database on port %s (home %s)", started.port, self.home)
+            # debug here: `db start` prints it; ensure_running announces starts it makes
+            log.debug("started the embedded database on port %s (home %s)", started.port, self.home)
             return started, True
 
     def ensure_running(self) -> ClusterStatus:
@@ -194,7 +195,10 @@ class EmbeddedCluster:
         current = self.status()
         if current.running:
             return current
-        return self.start()[0]
+        current, started = self.start()
+        if started:
+            log.info("started the embedded database on port %s (home %s)", current.port, self.home)
+        return current
 
     def stop(self) -> bool:
         """Stop the cluster; returns False when it was not running."""
@@ -206,7 +210,7 @@ class EmbeddedCluster:
                 raise EmbeddedDatabaseError(
                     f"the embedded database did not stop: {result.stderr.strip() or result.stdout}"
                 )
-            log.info("stopped the embedded database (home %s)", self.home)
+            log.debug("stopped the embedded database (home %s)", self.home)  # the caller says it
             return True
 
     def socket_url(self, database: str | None = None) -> str:
