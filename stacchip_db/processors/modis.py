@@ -100,7 +100,6 @@ class Modis(Processor):
     default_collection = "modis-09A1-061"
     assets = (*BANDS, QC_ASSET)
     quality = MODIS_RULE
-    signs_hrefs = True
     uses_sample_source = False
 
     def job_source(self, request: JobRequest) -> str:
