@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qs, urlsplit
@@ -43,7 +44,12 @@ TOKEN_RETRIES = 3
 TOKEN_BACKOFF_S = 0.5
 """Bounded retries of a token request (429/5xx): the SDK's default of 10 waits minutes."""
 
+FAILURE_TTL_S = 30.0
+"""A container whose token request failed is not asked again for this long: the reader's
+threads and the chips after them fail at once with the same error."""
+
 _VSICURL = "/vsicurl/"
+_failures: dict[tuple[str, str], tuple[float, SigningError]] = {}
 _FALSE = frozenset({"0", "false", "no", "off"})
 _TRUE = frozenset({"", "1", "true", "yes", "on"})
 _lock = threading.Lock()
@@ -120,6 +126,18 @@ def sign_href(href: str, *, sign: bool | None = None) -> str:
     return f"{href}{separator}{token}"
 
 
+def forget_tokens() -> None:
+    """Drop this process's tokens, remembered failures and the package's settings (read
+    again from `PC_SDK_*` on the next token request), e.g. after a new subscription key."""
+    from planetary_computer.sas import TOKEN_CACHE
+    from planetary_computer.settings import Settings
+
+    with _lock:
+        TOKEN_CACHE.clear()
+        _failures.clear()
+        Settings.get.cache_clear()
+
+
 def _token(account: str, container: str) -> str:
     # Imported here: only processes that read Planetary Computer blobs pay for pydantic.
     import requests
@@ -127,6 +145,9 @@ def _token(account: str, container: str) -> str:
     from planetary_computer.settings import Settings
 
     with _lock:
+        failed = _failures.get((account, container))
+        if failed is not None and time.monotonic() - failed[0] < FAILURE_TTL_S:
+            raise failed[1]
         try:
             return get_token(
                 account,
@@ -137,13 +158,16 @@ def _token(account: str, container: str) -> str:
         except (requests.RequestException, ValueError, TypeError) as exc:
             # ValueError covers a body that is not JSON and pydantic's validation error.
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise SigningError(
+            error = SigningError(
                 f"cannot get a Planetary Computer SAS token for account {account!r}, container "
                 f"{container!r} from {Settings.get().sas_url} ({type(exc).__name__}: "
                 f"{detail[:200]}); retry later, check PC_SDK_SAS_URL and "
                 f"PC_SDK_SUBSCRIPTION_KEY, or set {SIGN_ENV}=0 if you have your own access to "
                 "these blobs"
-            ) from exc
+            )
+            error.__cause__ = exc
+            _failures[(account, container)] = (time.monotonic(), error)
+            raise error from exc
 
 
 def _reset_lock_in_child() -> None:
