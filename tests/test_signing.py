@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stacchip_db import storage
+from stacchip_db.config import mask_url
 from stacchip_db.dataset import ChipDataset
 from stacchip_db.db.store import store_item
 from stacchip_db.errors import ConfigError
@@ -109,6 +110,10 @@ def test_sign_href_appends_one_cached_token_per_container(
     ]
     assert [sign_href(h) for h in unchanged] == unchanged
     assert sign_href(f"/vsicurl/{blob}") == f"/vsicurl/{blob}?{token}"
+    # What the CLI prints and logs hides the signature.
+    assert mask_url(f"cannot read '/vsicurl/{blob}?{token}'") == (
+        f"cannot read '/vsicurl/{blob}?{token.replace(sas_token_server.signature, '***')}'"
+    )
     assert sign_href(blob, sign=False) == blob
     with signing_as(False):
         assert sign_href(blob) == blob
