@@ -67,12 +67,15 @@ _QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>[^&\s]*)", re.I)
 _KV_PASSWORD = re.compile(
     r"(?P<head>(?<![?&\w])(?:\w*_|pg)?password\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'?|\S+)", re.I
 )
+# The signature of a SAS token (Planetary Computer hrefs as GDAL or requests report them).
+_QUERY_SAS = re.compile(r"(?P<head>[?&]sig=)(?P<pw>[^&\s'\"]+)", re.I)
 MASK = "***"
 
 
 def mask_url(text: str) -> str:
-    """Replace every password in `text` (URL, query or keyword form) with `***`."""
-    for pattern in (_URL_PASSWORD, _QUERY_PASSWORD, _KV_PASSWORD):
+    """Replace every password in `text` (URL, query or keyword form) and SAS token signature
+    with `***`."""
+    for pattern in (_URL_PASSWORD, _QUERY_PASSWORD, _KV_PASSWORD, _QUERY_SAS):
         text = pattern.sub(lambda m: m.group("head") + MASK, text)
     return text
 

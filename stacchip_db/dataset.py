@@ -293,6 +293,8 @@ class ChipDataset:
     `chip_index_x`, `chip_index_y`, `chip_size`, `datetime` (ISO 8601), `lon`, `lat`
     (footprint centre, degrees), `cloud_fraction`, `nodata_fraction`, and the Clay metadata
     `lat_norm`, `lon_norm`, `week_norm`, `hour_norm` (float32 `(2,)`).
+    Planetary Computer hrefs are signed when opened, in each worker (`signing`); `sign=False`
+    turns that off (None: on unless `$STACCHIP_SIGN=0`).
     """
 
     def __init__(
@@ -305,7 +307,9 @@ class ChipDataset:
         platform: str | None = None,
         statement_timeout_s: float = STATEMENT_TIMEOUT_S,
         query_database_url: str | None = None,
+        sign: bool | None = None,
     ) -> None:
+        self.sign = sign
         if database_url is None or query_database_url is None:
             from stacchip_db.config import Settings
             from stacchip_db.db import resolve_url
@@ -347,6 +351,7 @@ class ChipDataset:
             chip_size=row.chip_size,
             cache=DATASETS,
             reads=reads,
+            sign=self.sign,
         )
         return {
             "pixels": pixels.astype(np.float32, copy=False),

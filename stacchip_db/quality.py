@@ -42,6 +42,7 @@ from rasterio.features import rasterize
 from stacchip_db.errors import StacchipError
 from stacchip_db.grid import ChipGrid, ItemView, item_view, outside_footprint
 from stacchip_db.sensors import Profile, asset_nodata, find_asset, profile_for, quality_keys
+from stacchip_db.signing import sign_href
 
 CLOUD = np.uint8(1)
 """Code bit of a cloudy pixel."""
@@ -360,7 +361,10 @@ def read_quality_band(grid: ChipGrid, href: str, *, asset: str = "quality") -> n
     """
     where = f"asset {asset!r} ({href})"
     try:
-        with rasterio.Env(GDAL_NUM_THREADS=READ_THREADS), rasterio.open(href) as src:
+        # Planetary Computer blobs need a SAS token appended (`signing`; the error names
+        # the plain href).
+        signed = sign_href(href)
+        with rasterio.Env(GDAL_NUM_THREADS=READ_THREADS), rasterio.open(signed) as src:
             window = grid.grid_window(src.transform, asset=where)
             fx, fy, _, _ = grid.alignment(src.transform, asset=where)
             native = (

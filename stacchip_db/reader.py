@@ -36,6 +36,7 @@ from rasterio.errors import RasterioError
 from stacchip_db.errors import StacchipError
 from stacchip_db.grid import ChipGrid, chip_grid, item_view
 from stacchip_db.sensors import BandError, band_names, locate_band, profile_for
+from stacchip_db.signing import sign_href
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,7 @@ def read_item_chips(
     lanes: int | None = None,
     dtype: Any = None,
     out: np.ndarray | None = None,
+    sign: bool | None = None,
 ) -> ItemChips:
     """Pixels `(len(chips), len(bands), chip_size, chip_size)` of chips `(x, y)` of `item`.
 
@@ -231,7 +233,10 @@ def read_item_chips(
     float32 cube), else into a new array of `dtype`, else of the assets' (promoted) dtype.
     Chips that fail are zero.
     An asset that cannot be opened fails every chip; a window that cannot be read, its chip.
-    Raises BandError / GridError when the item cannot give these bands on this grid at all.
+    Planetary Computer hrefs are signed when opened (`signing.sign_href`; `sign=False` or
+    `$STACCHIP_SIGN=0` turns it off).
+    Raises BandError / GridError when the item cannot give these bands on this grid at all,
+    SigningError when no SAS token can be had.
     """
     grid = chip_grid(item, chip_size=chip_size)
     reads = plan_reads(item, bands)
@@ -263,9 +268,10 @@ def read_item_chips(
                     # One lane runs in the calling thread: keep its datasets open for the next
                     # item task of this process (workers get many). Threads open their own.
                     if len(work) == 1:
-                        src = DATASETS.open(read.href)
+                        src = DATASETS.open(read.href, sign=sign)
                     else:
-                        src = stack.enter_context(rasterio.open(read.href))
+                        signed = sign_href(read.href, sign=sign)
+                        src = stack.enter_context(rasterio.open(signed))
                 except (RasterioError, OSError) as exc:
                     for position in lane.positions:
                         fail(position, read.href, exc)
@@ -336,9 +342,14 @@ class DatasetCache:
             local.entries = OrderedDict()  # inherited handles: dropped, not closed
         return local.entries
 
-    def open(self, href: str) -> Any:
-        """The open dataset of `href`, opened on first use."""
+    def open(self, href: str, *, sign: bool | None = None) -> Any:
+        """The open dataset of `href` (signed when it needs it), opened on first use.
+
+        Keyed by the signed href: when its token is renewed, the dataset is opened again
+        with the new one rather than reading on with an expired token.
+        """
         entries = self._entries()
+        href = sign_href(href, sign=sign)
         src = entries.get(href)
         if src is not None:
             entries.move_to_end(href)
@@ -373,10 +384,12 @@ def read_chip(
     cache: DatasetCache = DATASETS,
     reads: list[AssetRead] | None = None,
     grid: ChipGrid | None = None,
+    sign: bool | None = None,
 ) -> np.ndarray:
     """Pixels `(len(bands), chip_size, chip_size)` of one chip, datasets reused via `cache`.
 
-    Raises ChipReadError naming the chip and the href when an asset cannot be read.
+    Raises ChipReadError naming the chip and the href when an asset cannot be read;
+    Planetary Computer hrefs are signed as in `read_item_chips`.
     """
     grid = grid or chip_grid(item, chip_size=chip_size)
     reads = reads if reads is not None else plan_reads(item, bands)
@@ -384,7 +397,9 @@ def read_chip(
     for read in reads:
         where = f"asset {read.asset!r} ({read.href})"
         try:
-            data = _read_window(cache.open(read.href), grid, x, y, read.indexes, where)
+            data = _read_window(
+                cache.open(read.href, sign=sign), grid, x, y, read.indexes, where
+            )
         except (RasterioError, OSError) as exc:
             raise ChipReadError(
                 f"chip {grid.item_id}-{x}-{y}: cannot read {read.href}: {_first_line(exc)}"

@@ -9,14 +9,10 @@ never an `IndexError`; callers log and skip.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlparse
 
 import pystac
 import requests
@@ -24,7 +20,6 @@ from pystac_client import Client
 from pystac_client.exceptions import APIError
 from pystac_client.stac_api_io import StacApiIO
 from pystac_client.warnings import DoesNotConformTo
-from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from stacchip_db.errors import StacchipError
@@ -68,7 +63,9 @@ def open_api(
 ) -> Client:
     """A pystac-client `Client` for the API at `url`, retrying as described above.
 
-    `modifier` is pystac-client's hook run on every item it returns (e.g. href signing).
+    `modifier` is pystac-client's hook run on every item it returns. Hrefs are not signed
+    here: Planetary Computer tokens expire, so they are appended where pixels are read
+    (`stacchip_db.signing`).
     """
     stac_io = StacApiIO(max_retries=retry_policy(retries, backoff), timeout=timeout)
     with _errors(f"STAC API {url}"):
@@ -133,77 +130,3 @@ def _raise_unreachable(where: str, cause: BaseException, exc: BaseException) -> 
         f"{where} unreachable after retries ({type(cause).__name__}: {detail}); check "
         "--stac-api or re-run the job later"
     ) from exc
-
-
-# -- Planetary Computer href signing ----------------------------------------------------------
-# Planetary Computer's blobs (NAIP, Sentinel-1 RTC, MODIS) need a SAS token appended to each
-# href. This is the SAS token API the `planetary-computer` package calls, without the package:
-# one token per storage account and container, cached until shortly before it expires. The
-# processors pass `sign_planetary_computer` as pystac-client's `modifier` only when the API is
-# not a loopback test server (`--sign/--no-sign` overrides).
-
-PC_SAS_TOKEN_URL = "https://planetarycomputer.microsoft.com/api/sas/v1/token"
-PC_SAS_TOKEN_URL_ENV = "STACCHIP_PC_SAS_TOKEN_URL"
-"""Overrides the token API (a mirror, a proxy, a test server)."""
-_TOKEN_MARGIN = timedelta(minutes=5)
-_tokens: dict[tuple[str, str], tuple[str, datetime]] = {}
-_tokens_lock = threading.Lock()
-
-
-def sign_planetary_computer(obj: Any, *, token_url: str | None = None) -> None:
-    """Append a SAS token to every Azure-blob href, in place.
-
-    `obj` is what pystac-client hands its modifier: a pystac Item or ItemCollection, or a
-    search page / item as a dict. `token_url` defaults to `$STACCHIP_PC_SAS_TOKEN_URL`, else
-    Planetary Computer's token API.
-    """
-    token_url = token_url or os.environ.get(PC_SAS_TOKEN_URL_ENV) or PC_SAS_TOKEN_URL
-    if isinstance(obj, pystac.Item):
-        for asset in obj.assets.values():
-            asset.href = sign_href(asset.href, token_url=token_url)
-    elif isinstance(obj, pystac.ItemCollection):
-        for item in obj.items:
-            sign_planetary_computer(item, token_url=token_url)
-    elif isinstance(obj, dict):
-        for feature in obj.get("features") or []:
-            sign_planetary_computer(feature, token_url=token_url)
-        for asset in (obj.get("assets") or {}).values():
-            if isinstance(asset, dict) and "href" in asset:
-                asset["href"] = sign_href(asset["href"], token_url=token_url)
-
-
-def sign_href(href: str, *, token_url: str) -> str:
-    """`href` with a SAS token appended when it is an unsigned Azure blob URL."""
-    parsed = urlparse(href)
-    host = parsed.hostname or ""
-    if not host.endswith(".blob.core.windows.net") or parsed.query:
-        return href
-    account = host.split(".", 1)[0]
-    container = parsed.path.lstrip("/").split("/", 1)[0]
-    return f"{href}?{_sas_token(account, container, token_url)}"
-
-
-def _sas_token(account: str, container: str, token_url: str) -> str:
-    key = (account, container)
-    now = datetime.now(UTC)
-    with _tokens_lock:
-        cached = _tokens.get(key)
-        if cached is not None and cached[1] - _TOKEN_MARGIN > now:
-            return cached[0]
-        session = requests.Session()
-        session.mount("https://", HTTPAdapter(max_retries=retry_policy()))
-        session.mount("http://", HTTPAdapter(max_retries=retry_policy()))
-        url = f"{token_url.rstrip('/')}/{account}/{container}"
-        try:
-            response = session.get(url, timeout=DEFAULT_TIMEOUT_S)
-            response.raise_for_status()
-            body = response.json()
-            token = str(body["token"])
-            expiry = datetime.fromisoformat(str(body["msft:expiry"]).replace("Z", "+00:00"))
-        except (requests.RequestException, ValueError, KeyError) as exc:
-            raise StacApiError(
-                f"cannot get a Planetary Computer SAS token from {url}: {exc}; retry later or "
-                "pass --no-sign for an API whose hrefs need no signing"
-            ) from exc
-        _tokens[key] = (token, expiry)
-        return token

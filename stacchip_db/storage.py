@@ -38,6 +38,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from stacchip_db.errors import StacchipError
+from stacchip_db.signing import sign_href
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def object_size(url: str, *, requester_pays: bool = False) -> int | None:
         return int(head["ContentLength"])
     if is_http(url):
         try:
-            response = requests.head(url, allow_redirects=True, timeout=HTTP_TIMEOUT_S)
+            response = requests.head(sign_href(url), allow_redirects=True, timeout=HTTP_TIMEOUT_S)
         except requests.RequestException as exc:
             raise StorageError(f"cannot reach {url}: {exc}") from exc
         if response.status_code == 404:
@@ -250,7 +251,7 @@ def _copy_to_file(source: str, destination: Path, requester_pays: bool) -> None:
 def _http_stream(url: str) -> Iterator[requests.Response]:
     """A streaming GET of `url`; HTTP and connection failures raise StorageError."""
     try:
-        response = requests.get(url, stream=True, timeout=HTTP_TIMEOUT_S)
+        response = requests.get(sign_href(url), stream=True, timeout=HTTP_TIMEOUT_S)
     except requests.RequestException as exc:
         raise StorageError(f"cannot reach {url}: {exc}") from exc
     with response:

@@ -29,8 +29,9 @@ from stacchip_db.config import Settings
 from stacchip_db.db import init_database
 from stacchip_db.db.embedded import EmbeddedCluster
 
-# Loopback servers for the processor tests: a real STAC API and a real S3-protocol server.
-pytest_plugins = ("stac_server", "s3_server", "sensor_catalog")
+# Loopback servers: a real STAC API, a real S3-protocol server, Planetary Computer's token API
+# and blob storage.
+pytest_plugins = ("stac_server", "s3_server", "sensor_catalog", "pc_server")
 
 TEST_DATABASE_URL_ENV = "STACCHIP_TEST_DATABASE_URL"
 REPO = Path(__file__).resolve().parents[1]
@@ -75,8 +76,15 @@ def _block_network() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing from the developer's shell reaches the code under test."""
-    for name in ("STACCHIP_DATABASE_URL", "STACCHIP_QUERY_DATABASE_URL", "STACCHIP_HOME",
-                 "AWS_BATCH_JOB_ARRAY_INDEX"):
+    for name in (
+        "STACCHIP_DATABASE_URL",
+        "STACCHIP_QUERY_DATABASE_URL",
+        "STACCHIP_HOME",
+        "AWS_BATCH_JOB_ARRAY_INDEX",
+        "STACCHIP_SIGN",
+        "PC_SDK_SAS_URL",
+        "PC_SDK_SUBSCRIPTION_KEY",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -1,11 +1,10 @@
-"""stac_api: retries against the real loopback STAC API, empty searches, href signing."""
+"""stac_api: retries against the real loopback STAC API, empty searches."""
 
 from __future__ import annotations
 
-import pystac
 import pytest
 
-from stacchip_db.stac_api import StacApiError, open_api, search, search_one, sign_planetary_computer
+from stacchip_db.stac_api import StacApiError, open_api, search, search_one
 
 
 def test_5xx_and_429_are_retried_then_the_search_succeeds(stac_api):
@@ -56,23 +55,3 @@ def test_numeric_sort_and_empty_result(stac_api):
     assert clouds == sorted(clouds) and 16.8 in clouds  # 16.8 after 8.0: numeric, not text
     assert search(client, max_items=1, collections=["naip"], datetime="1990-01-01/1990-12-31") == []
     assert search_one(client, collections=["naip"], datetime="1990-01-01/1990-12-31") is None
-
-
-def test_sign_planetary_computer(sas_token_server):
-    blob = "https://naipeuwest.blob.core.windows.net/naip/v002/al/x.tif"
-    page = {
-        "type": "FeatureCollection",
-        "features": [
-            {"assets": {"image": {"href": blob}, "other": {"href": "https://example.com/y"}}},
-            {"assets": {"image": {"href": blob + "?already=signed"}}},
-        ],
-    }
-    sign_planetary_computer(page, token_url=sas_token_server.url)
-    assert page["features"][0]["assets"]["image"]["href"] == blob + "?sv=test&sig=abc"
-    assert page["features"][0]["assets"]["other"]["href"] == "https://example.com/y"
-    assert page["features"][1]["assets"]["image"]["href"] == blob + "?already=signed"
-    item = pystac.Item("i", None, None, pystac.utils.str_to_datetime("2021-01-01T00:00:00Z"), {})
-    item.add_asset("image", pystac.Asset(blob))
-    sign_planetary_computer(item, token_url=sas_token_server.url)
-    assert item.assets["image"].href.endswith("?sv=test&sig=abc")
-    assert sas_token_server.requests == ["/naipeuwest/naip"]  # cached after the first

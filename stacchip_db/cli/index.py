@@ -26,7 +26,7 @@ from urllib.parse import urljoin, urlparse
 
 import click
 
-from stacchip_db.cli.options import CliContext, pass_cli, plural, with_database
+from stacchip_db.cli.options import CliContext, pass_cli, plural, sign_option, with_database
 from stacchip_db.db.connection import Database
 from stacchip_db.errors import StacchipError
 
@@ -301,6 +301,7 @@ def _one_line(message: str, item_id: str) -> str:
     "stacchip.chips wait until it commits. All or nothing. Default: bulk when stacchip.chips "
     "is empty at the start, else batched transactions (--no-bulk forces those).",
 )
+@sign_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @with_database
 @pass_cli

@@ -117,8 +117,8 @@ def _command(processor: Processor) -> click.Command:
         click.option(
             "--sign/--no-sign",
             default=None,
-            help="Sign Planetary Computer hrefs (default: when the processor needs it "
-            "and the API is not on loopback).",
+            help="Sign Planetary Computer blob hrefs where they are read (default: on, "
+            "unless $STACCHIP_SIGN=0); --no-sign if you have your own access.",
         ),
         click.option(
             "--dry-run",

@@ -11,6 +11,7 @@ import click
 
 from stacchip_db.config import Settings
 from stacchip_db.db import Database, check_schema, connect, resolve_url
+from stacchip_db.signing import SIGN_ENV, signing_as
 
 
 @dataclass
@@ -32,6 +33,21 @@ pass_cli = click.make_pass_decorator(CliContext)
 def plural(n: int, word: str) -> str:
     """`1 item`, `2 items`: a count with its noun (English plural in -s)."""
     return f"{n} {word}{'s' * (n != 1)}"
+def _apply_signing(ctx: click.Context, _param: click.Parameter, value: bool | None) -> None:
+    # For the command's run only (its worker processes inherit it), not the caller's process.
+    if value is not None:
+        ctx.with_resource(signing_as(value))
+
+
+sign_option = click.option(
+    "--sign/--no-sign",
+    default=None,
+    expose_value=False,
+    callback=_apply_signing,
+    help="Append Planetary Computer SAS tokens to blob hrefs where pixels are read (default: "
+    f"on, unless ${SIGN_ENV}=0); --no-sign if you have your own access.",
+)
+"""`--sign/--no-sign` of every command that reads pixels; the command sees nothing of it."""
 
 
 def with_database(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from stacchip_db.cli.options import CliContext, with_database
+from stacchip_db.cli.options import CliContext, sign_option, with_database
 from stacchip_db.cli.selection_options import selection_options, warn_empty
 from stacchip_db.dataset import STATEMENT_TIMEOUT_S, ChipSelection, load_selection
 from stacchip_db.db import Database
@@ -28,7 +28,8 @@ EXIT_CHIPS_FAILED = 3
 def chip_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Where a command's chips come from: `--query SQL` (with `--statement-timeout`), or the
     shared filter and sample options. The command receives `query`, `statement_timeout`,
-    `chip_filter` and `sampling`; `select` turns them into a `ChipSelection`."""
+    `chip_filter` and `sampling`; `select` turns them into a `ChipSelection`. Commands that
+    take chips read their pixels, so `--sign/--no-sign` comes with them."""
 
     query = click.option(
         "--query",
@@ -46,7 +47,7 @@ def chip_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
         help="Time limit of the query selecting the chips, its execution and every fetch "
         "(kept by the client; the query cannot change it).",
     )
-    return query(timeout(selection_options()(func)))
+    return query(timeout(selection_options()(sign_option(func))))
 
 
 def select(

@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
-from urllib.parse import urlparse
 
 import click
 import pystac
@@ -43,7 +42,8 @@ from stacchip_db.grid import CHIP_SIZE
 from stacchip_db.index import MAX_NODATA, index_item
 from stacchip_db.quality import QualityRule
 from stacchip_db.samples import Sample, read_sample
-from stacchip_db.stac_api import open_api, sign_planetary_computer
+from stacchip_db.signing import signing_as
+from stacchip_db.stac_api import open_api
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,6 @@ class Processor:
     max_nodata: ClassVar[float] = MAX_NODATA
     requester_pays: ClassVar[bool] = False
     """Whether the source bucket charges the requester (S3 sources only)."""
-    signs_hrefs: ClassVar[bool] = False
-    """Whether source hrefs need Planetary Computer signing (off for loopback APIs)."""
     sample_source_env: ClassVar[str] = "STACCHIP_SAMPLE_SOURCE"
     """Environment variable the Batch entrypoint reads the sample source from."""
     uses_sample_source: ClassVar[bool] = True
@@ -305,8 +303,15 @@ def run_job(processor: Processor, request: JobRequest, db: Database | None) -> J
     """Run one job; returns its summary. The first error is recorded, then raised (a
     `StacchipError` as `JobFailed`, carrying the summary).
 
-    With `request.dry_run` (and then `db` may be None) only the plan is made.
+    With `request.dry_run` (and then `db` may be None) only the plan is made. Planetary
+    Computer hrefs are signed where they are read (`signing`); `request.sign` False turns
+    that off for the job, None leaves it to `$STACCHIP_SIGN`.
     """
+    with signing_as(request.sign):
+        return _run_job(processor, request, db)
+
+
+def _run_job(processor: Processor, request: JobRequest, db: Database | None) -> JobSummary:
     summary = JobSummary(
         processor=processor.name,
         job_index=request.index,
@@ -359,15 +364,9 @@ def _plan(processor: Processor, request: JobRequest, summary: JobSummary) -> lis
         if processor.uses_sample_source:
             sample = read_sample(request.sample_source, request.index)
             summary.sample = {"geometry": sample.geometry.wkt[:200], **sample.attributes}
-        sign = (
-            request.sign
-            if request.sign is not None
-            else (processor.signs_hrefs and not _is_loopback(request.stac_api))
-        )
         client = None
         if processor.searches_stac_api:
-            modifier = sign_planetary_computer if sign else None
-            client = open_api(request.stac_api, modifier=modifier)
+            client = open_api(request.stac_api)
         scenes = processor.plan(PlanContext(request=request, sample=sample, client=client))
     for scene in scenes:
         summary.scenes.append(
@@ -387,11 +386,6 @@ def _plan(processor: Processor, request: JobRequest, summary: JobSummary) -> lis
         ", ".join(f"{s.label} {s.item.id}" for s in scenes) or "none",
     )
     return scenes
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def scene_item(processor: Processor, scene: Scene, request: JobRequest) -> dict[str, Any]:

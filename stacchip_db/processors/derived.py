@@ -33,6 +33,7 @@ from rasterio.io import DatasetReader, MemoryFile
 from stacchip_db import storage
 from stacchip_db.errors import StacchipError
 from stacchip_db.processors.base import SceneReport
+from stacchip_db.signing import sign_href
 from stacchip_db.storage import CopyResult
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,10 @@ def write_array_cog(
 
 @contextmanager
 def open_source(href: str) -> Iterator[DatasetReader]:
-    """Open a source raster (path, `s3://`, signed `https://`); one-line error if it fails."""
+    """Open a source raster (path, `s3://`, `https://`, Planetary Computer blobs signed);
+    one-line error if it fails."""
     try:
-        with rasterio.open(href) as dataset:
+        with rasterio.open(sign_href(href)) as dataset:
             yield dataset
     except RasterioError as exc:
         if storage.object_size(href) is None:

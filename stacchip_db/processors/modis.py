@@ -102,7 +102,6 @@ class Modis(Processor):
     default_collection = "modis-09A1-061"
     assets = PROFILE.layout.assets
     quality = profile_rule(PROFILE)
-    signs_hrefs = True
     uses_sample_source = False
 
     def job_source(self, request: JobRequest) -> str:

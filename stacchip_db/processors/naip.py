@@ -4,8 +4,8 @@ Rules (the original stacchip's): search the `naip` collection at the centroid of
 geometry, up to 10 items sorted by `naip:year`; take the latest and one other chosen at random,
 seeded by the job index (`--latest-only`: only the latest). No quality band.
 
-Planetary Computer's hrefs need a SAS token: signing is on for the default API and off for a
-loopback test server (`--sign/--no-sign` overrides).
+Planetary Computer's hrefs need a SAS token, appended where they are copied (`signing`;
+`--no-sign` turns it off).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ class Naip(Processor):
     default_collection = "naip"
     assets = collection_profile("naip").layout.assets
     quality = profile_rule(collection_profile("naip"))
-    signs_hrefs = True
     cli_options = (
         click.option(
             "--latest-only", is_flag=True, help="Take only the latest image, not a random other."

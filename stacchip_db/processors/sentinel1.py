@@ -1,7 +1,7 @@
 """Sentinel-1 RTC: one scene of a random quarter of a random year, over the sample geometry.
 
 Rules (the original stacchip's, with its slips fixed):
-- Planetary Computer's `sentinel-1-rtc` (hrefs signed; signing is off for a loopback API);
+- Planetary Computer's `sentinel-1-rtc` (hrefs signed where they are read, `signing`);
 - one year of 2018-2023 and one quarter of it, drawn with the job index as seed (the same
   draws as the original: `sample(years, 1)` then `sample(quarters, 1)`);
 - the first item of that quarter *intersecting the sample geometry* (the original's CQL2
@@ -55,7 +55,6 @@ class Sentinel1(Processor):
     default_collection = "sentinel-1-rtc"
     assets = PROFILE.layout.assets
     quality = profile_rule(PROFILE)
-    signs_hrefs = True
 
     def plan(self, context: PlanContext) -> list[Scene]:
         year, quarter = choose_quarter(context.request.index)
