@@ -143,22 +143,26 @@ def test_index_reads_the_quality_band_only_signed(
 ) -> None:
     source = tmp_path / "items.ndjson"
     source.write_text("".join(json.dumps(item) + "\n" for item in pc_items))
-    # Only the Landsat item has a quality band `auto` reads (qa_pixel); the Sentinel-2 one is
-    # indexed without reading pixels, so it is stored either way.
-    landsat = pc_items[1]
+    # Both items' quality bands are read by `auto` (PC Sentinel-2's `SCL`, Landsat's
+    # `qa_pixel`): unsigned, the blob server refuses both and nothing is stored.
     refused = run_cli(
         ["index", "--no-sign", str(source), "--chip-size", str(CHIP)], database_url=database_url
     )
     assert refused.exit_code == 1, refused.output
     failed = [line for line in refused.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(failed) == 1 and landsat["id"] in failed[0] and "403" in failed[0]
+    assert len(failed) == len(pc_items), failed
+    for line, item in zip(failed, pc_items, strict=True):
+        assert item["id"] in line and "403" in line, line
     assert blob_server.refused() and not blob_server.served()
     assert sas_token_server.requests == []
 
     result = run_cli(["index", str(source), "--chip-size", str(CHIP)], database_url=database_url)
     assert result.exit_code == 0, result.output
-    assert sas_token_server.requests == [LANDSAT_CONTAINER]
-    assert {url for _, url, _ in blob_server.served()} == {landsat["assets"]["qa_pixel"]["href"]}
+    assert sorted(sas_token_server.requests) == sorted([S2_CONTAINER, LANDSAT_CONTAINER])
+    assert {url for _, url, _ in blob_server.served()} == {
+        pc_items[0]["assets"]["SCL"]["href"],
+        pc_items[1]["assets"]["qa_pixel"]["href"],
+    }
     with psycopg.connect(database_url) as conn:
         for (local, _), item in zip(local_scenes, pc_items, strict=True):
             stored = conn.execute(
