@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from stacchip_db.errors import StacchipError
-from stacchip_db.grid import CHIP_SIZE, chip_grid, item_view
+from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS, chip_grid, item_view
 from stacchip_db.quality import QualityRule, chip_fractions
 
 CHIP_SCHEMA = pa.schema(
@@ -44,17 +44,19 @@ def index_item(
     chip_size: int = CHIP_SIZE,
     max_nodata: float = MAX_NODATA,
     shape: tuple[int, int] | None = None,
+    max_chips: int | None = MAX_CHIPS,
 ) -> pa.Table:
     """The chips of a STAC item (pystac Item or dict) as a `CHIP_SCHEMA` table.
 
     Chips with `nodata_fraction > max_nodata` are dropped (as in the original stacchip);
     rows are ordered by `chip_index_y`, then `chip_index_x`. `quality` is a rule name
     (`auto`, `s2`, `landsat`, `modis`, `none`, or one registered with
-    `stacchip_db.quality.register_rule`) or a `QualityRule`.
+    `stacchip_db.quality.register_rule`) or a `QualityRule`. An item whose grid has more
+    than `max_chips` chips is refused (`grid.TooManyChipsError`) before anything is read.
     """
     if not 0.0 <= max_nodata <= 1.0:
         raise StacchipError(f"max_nodata {max_nodata!r} is not a fraction between 0 and 1")
-    grid = chip_grid(item, chip_size=chip_size, shape=shape)
+    grid = chip_grid(item, chip_size=chip_size, shape=shape, max_chips=max_chips)
     cloud, nodata = (a.ravel() for a in chip_fractions(grid, item, quality))
     keep = np.flatnonzero(nodata <= np.float32(max_nodata))
     xs, ys = grid.indices()

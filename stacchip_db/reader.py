@@ -316,7 +316,7 @@ def read_item_chips(
     An asset that cannot be opened fails every chip; a window that cannot be read, its chip.
     Raises BandError / GridError when the item cannot give these bands on this grid at all.
     """
-    grid = chip_grid(item, chip_size=chip_size)
+    grid = chip_grid(item, chip_size=chip_size, max_chips=None)  # chips already indexed
     reads = plan_reads(item, bands)
     if lanes is None:
         lanes = REMOTE_LANES if any(is_remote(r.href) for r in reads) else 1
@@ -460,7 +460,7 @@ def read_chip(
 
     Raises ChipReadError naming the chip and the href when an asset cannot be read.
     """
-    grid = grid or chip_grid(item, chip_size=chip_size)
+    grid = grid or chip_grid(item, chip_size=chip_size, max_chips=None)
     reads = reads if reads is not None else plan_reads(item, bands)
     out: np.ndarray | None = None
     for read in reads:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -24,13 +25,15 @@ from urllib.parse import urljoin, urlparse
 
 import click
 
-from stacchip_db.cli.options import CliContext, pass_cli, with_database
+from stacchip_db.cli.options import CliContext, max_chips_option, pass_cli, with_database
 from stacchip_db.db.connection import Database
 from stacchip_db.errors import StacchipError
 
 QUALITY_RULES = ("auto", "s2", "landsat", "modis", "none")
 """`--quality` choices: the rules of `stacchip_db.quality` (kept here to import it lazily)."""
 NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".geojsonl", ".geojsons")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,13 +127,16 @@ def _items_of(document: Any, where: str, base: str) -> Iterator[Source]:
         yield Source(where, error=f"{where}: not a STAC item (a JSON {type(document).__name__})")
 
 
-def _lines(lines: Iterator[str], source: str, base: str) -> Iterator[Source]:
+def _lines(lines: Iterator[str] | Iterator[bytes], source: str, base: str) -> Iterator[Source]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{source} line {number}"
         try:
-            document = json.loads(line)
+            document = json.loads(line)  # bytes: UTF-8 (or -16/-32) detected by json
+        except UnicodeDecodeError as e:
+            yield Source(where, error=f"{where}: not UTF-8 text ({e.reason}); fix or remove it")
+            continue
         except json.JSONDecodeError as e:
             yield Source(where, error=f"{where}: not JSON ({e.msg}); fix or remove the line")
             continue
@@ -144,7 +150,7 @@ def read_sources(sources: tuple[str, ...]) -> Iterator[Source]:
         ndjson = urlparse(source).path.lower().endswith(NDJSON_SUFFIXES)
         if ndjson and not _is_url(source):
             try:
-                with open(source, encoding="utf-8") as handle:
+                with open(source, "rb") as handle:  # decoded line by line: one bad line, one error
                     yield from _lines(handle, source, base)
             except OSError as e:
                 yield Source(source, error=f"cannot read {source}: {e.strerror}")
@@ -158,6 +164,9 @@ def read_sources(sources: tuple[str, ...]) -> Iterator[Source]:
                 text = Path(source).read_text(encoding="utf-8")
         except OSError as e:
             yield Source(source, error=f"cannot read {source}: {e.strerror}")
+            continue
+        except UnicodeDecodeError as e:
+            yield Source(source, error=f"{source}: not UTF-8 text ({e.reason}); pass STAC JSON")
             continue
         except StacchipError as e:  # storage's one-line errors (HTTP status, missing object)
             yield Source(source, error=str(e))
@@ -194,6 +203,21 @@ def _one_line(message: str, item_id: str) -> str:
     return text if item_id in text else f"item {item_id}: {text}"
 
 
+def _item_error(error: Exception) -> str:
+    """What went wrong with one item, in the CLI's words (its flags, not Python parameters)."""
+    from stacchip_db.grid import TooManyChipsError
+
+    if isinstance(error, TooManyChipsError):
+        return (
+            f"{error.chips:,} chips, more than --max-chips {error.limit:,}; use a larger "
+            "--chip-size, check the item's proj:shape, or raise --max-chips"
+        )
+    if isinstance(error, StacchipError):
+        return str(error)
+    log.debug("indexing an item failed", exc_info=error)  # -vv: where it came from
+    return f"{type(error).__name__}: {error}"
+
+
 # -- index ------------------------------------------------------------------------------------
 
 
@@ -215,6 +239,7 @@ def _one_line(message: str, item_id: str) -> str:
     "--max-nodata", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
     help="Chips with a larger nodata fraction are not stored.",
 )
+@max_chips_option
 @click.option(
     "--strict", is_flag=True,
     help="Fail items whose collection does not exist instead of creating a minimal one.",
@@ -249,6 +274,7 @@ def index(
     quality: str,
     chip_size: int,
     max_nodata: float,
+    max_chips: int,
     strict: bool,
     on_conflict: str,
     writers: int,
@@ -288,6 +314,8 @@ def index(
             hidden=cli.quiet or as_json,
         )
         options = {"quality": quality, "chip_size": chip_size, "max_nodata": max_nodata}
+        if max_chips is not None:
+            options["max_chips"] = max_chips
         if bulk:
             _bulk(conn, sources, collection, options, strict, on_conflict, progress, summary,
                   errors)
@@ -329,12 +357,12 @@ def _indexed(
         if collection and not item.get("collection"):
             item["collection"] = collection
         try:
-            check_item(item)  # id, collection, datetime: named errors early
+            check_item(item)  # id, collection, datetime, safe names: named errors early
             chips = index_item(item, **options)
             (height, width), _, _ = item_georeference(item)
-        except StacchipError as e:  # a bad item is reported and skipped
+        except Exception as e:  # one bad item, whatever it raises, is reported and skipped
             name = str(item.get("id") or source.where)
-            errors.append((name, _one_line(str(e), name)))
+            errors.append((name, _one_line(_item_error(e), name)))
             continue
         grid_size = (height // chip_size) * (width // chip_size)
         yield item, chips, grid_size - chips.num_rows

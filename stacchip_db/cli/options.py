@@ -44,3 +44,15 @@ def with_database(func: Callable[..., Any]) -> Callable[..., Any]:
         return func(*args, db=Database(url), **kwargs)
 
     return wrapper
+
+
+max_chips_option = click.option(
+    "--max-chips",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Refuse an item whose grid has more than N chips, before reading it (a wrong "
+    "proj:shape or a tiny --chip-size would otherwise take gigabytes). Default: 1,000,000 "
+    "(stacchip_db.grid.MAX_CHIPS).",
+)
+"""`--max-chips` of `index` and `ingest`; None (not given) leaves the library's default."""
