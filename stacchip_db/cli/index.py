@@ -467,4 +467,10 @@ def export_index(
 
     with db.connect() as conn:
         result = write_index(conn, out_dir, collections=collections or None, chip_size=chip_size)
-    click.echo(f"exported {result.chips:,} chips of {result.files} items to {out_dir}")
+    text = f"exported {result.chips:,} chips of {result.files} items to {out_dir}"
+    if result.skipped:  # each was named by a warning as it was skipped
+        text += (
+            f"; {len(result.skipped)} items skipped: their collection or id cannot be a "
+            "folder name"
+        )
+    click.echo(text)
