@@ -395,8 +395,11 @@ def hostile_api(pg_server: Any, stac_catalog: Any, tmp_path_factory: Any) -> Ite
     escaping_file = scene("naip-file", 2023)
     image = escaping_file["assets"]["image"]
     image["href"] = image["href"] + "/.."
+    malformed = scene("naip-malformed", 2023)
+    malformed["assets"]["image"] = 5  # served by the API, but not something pystac can read
     collections = {
         "naip-ids": [scene("naip-ids", 2023, "../../escaped"), scene("naip-ids", 2021)],
+        "naip-malformed": [malformed, scene("naip-malformed", 2021)],
         absolute: [scene(absolute, 2023)],
         "naip-file": [escaping_file],
     }
@@ -455,3 +458,21 @@ def test_ingest_refuses_escaping_ids_and_goes_on(
         assert keys and all(k.startswith(f"t/naip-ids/{good}/") for k in keys)
         assert _files(tmp_path) == {sample}
     assert not Path(absolute).exists()
+
+
+def test_ingest_skips_an_item_the_api_serves_malformed(
+    database_url: str, hostile_api: Any, tmp_path: Path
+) -> None:
+    server, collections, _, base = hostile_api
+    malformed, good = (i["id"] for i in collections["naip-malformed"])
+    sample = write_sample_source(tmp_path / "s.geojson", [(naip_sample_geometry(base), {})])
+    result = run_cli(
+        ["ingest", "naip", "--index", "0", "--sample-source", str(sample), "--target",
+         str(tmp_path / "t"), "--stac-api", server.url, "--collection", "naip-malformed",
+         "--json"],
+        database_url=database_url,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"item {malformed} is not a STAC item" in result.stderr
+    assert [s["id"] for s in json.loads(result.stdout)["scenes"]] == [good]
+    assert _stored(database_url) == ({good}, {good})
