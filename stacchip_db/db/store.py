@@ -155,11 +155,7 @@ def check_item(item: Any) -> tuple[str, str, datetime]:
         raise ItemError(
             f"item {item_id}: no collection; set `collection` in the item or pass --collection"
         )
-    for what, name in (("collection", collection), ("item id", item_id)):
-        try:  # ids become folder names (ingest, prechip, export-index): one segment each
-            check_name(name, what)
-        except UnsafeName as e:
-            raise ItemError(f"item {item_id}: {e}") from e
+    check_ids(collection, item_id)
     if item.get("type") != "Feature":
         raise ItemError(f"item {item_id}: type is {item.get('type')!r}, a STAC item's is Feature")
     geometry = item.get("geometry")
@@ -172,6 +168,17 @@ def check_item(item: Any) -> tuple[str, str, datetime]:
     if when.tzinfo is None:  # STAC says RFC 3339 (with offset); read a bare time as UTC
         when = when.replace(tzinfo=UTC)
     return collection, item_id, when
+
+
+def check_ids(collection: str, item_id: str) -> None:
+    """`ItemError` naming the item when its collection or id is not one safe path segment:
+    ids become folder names (ingest, prechip, export-index), so they are refused on the way in.
+    """
+    for what, name in (("collection", collection), ("item id", item_id)):
+        try:
+            check_name(name, what)
+        except UnsafeName as e:
+            raise ItemError(f"item {item_id}: {e}") from e
 
 
 def _prepare(item: Mapping[str, Any], chips: pa.Table) -> _Prepared:

@@ -37,7 +37,7 @@ from pystac_client import Client
 
 from stacchip_db import storage
 from stacchip_db.db import Database, translate_errors
-from stacchip_db.db.store import check_item, store_item
+from stacchip_db.db.store import check_ids, store_item
 from stacchip_db.errors import DatabaseUnavailable, StacchipError
 from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS
 from stacchip_db.index import MAX_NODATA, index_item
@@ -469,7 +469,7 @@ def _ingest_scene(
     db: Database,
 ) -> None:
     item = scene_item(processor, scene, request)
-    check_item(item)  # ids (folder names), datetime, geometry: refused before any copy
+    check_ids(item["collection"], item["id"])  # folder names: refused before any copy
     folder = storage.under(request.target, item["collection"], item["id"])
     with _timed(timings, "copy"):
         item = processor.prepare(item, folder, report)
