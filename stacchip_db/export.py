@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from stacchip_db.db.connection import translate_errors
 from stacchip_db.errors import StacchipError
+from stacchip_db.paths import UnsafeName, check_name
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +59,19 @@ class ExportError(StacchipError):
 
 @dataclass
 class ExportResult:
-    """Files and chips written."""
+    """Files and chips written; items skipped because a name cannot be a folder name."""
 
     files: int = 0
     chips: int = 0
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    """`(collection, item id, reason)` of each item not written (`paths.check_name`)."""
 
 
 def index_path(out_dir: Path, collection: str, item_id: str) -> Path:
-    """`{out_dir}/{collection}/{item_id}/index_{item_id}.parquet`, refusing unsafe names."""
-    for kind, name in (("collection", collection), ("item id", item_id)):
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise ExportError(
-                f"{kind} {name!r} cannot be a folder name in {out_dir}; rename it to export it"
-            )
+    """`{out_dir}/{collection}/{item_id}/index_{item_id}.parquet`; `paths.UnsafeName` when a
+    name is not one safe folder name (it would write outside `out_dir`)."""
+    check_name(collection, "collection")
+    check_name(item_id, "item id")
     return out_dir / collection / item_id / f"index_{item_id}.parquet"
 
 
@@ -125,7 +126,8 @@ def export_index(
     """Write one GeoParquet index file per item with chips of `chip_size`.
 
     `collections` limits the export (None: all). Existing files are replaced. Streams item by
-    item through a server-side cursor, so memory stays at one item's chips.
+    item through a server-side cursor, so memory stays at one item's chips. An item whose
+    collection or id cannot be a folder name is skipped with a warning (`result.skipped`).
     """
     out = Path(out_dir)
     result = ExportResult()
@@ -136,7 +138,12 @@ def export_index(
         cursor.itersize = 50
         cursor.execute(_ITEMS, params)
         for collection, item_id, xs, ys, dates, clouds, nodata, wkb, bbox in cursor:
-            path = index_path(out, collection, item_id)
+            try:
+                path = index_path(out, collection, item_id)
+            except UnsafeName as e:  # stored by another tool: skip it, export the others
+                log.warning("item %s of collection %s not exported: %s", item_id, collection, e)
+                result.skipped.append((collection, item_id, str(e)))
+                continue
             table = pa.Table.from_arrays(
                 [
                     pa.array([f"{item_id}-{x}-{y}" for x, y in zip(xs, ys, strict=True)]),

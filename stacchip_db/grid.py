@@ -28,6 +28,7 @@ not one transform per chip.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -42,6 +43,12 @@ from stacchip_db.errors import StacchipError
 
 CHIP_SIZE = 256
 """Default chip size in pixels of the item's finest grid (the Clay model's input size)."""
+
+MAX_CHIPS = 1_000_000
+"""Default bound on the chips of one item, checked before any per-chip array is allocated
+(a Sentinel-2 scene has 1,764 chips of 256 px; one million is a 256 x 256 km scene at 1 m
+in 256 px chips). A bad `proj:shape` or a tiny chip size then fails fast instead of taking
+gigabytes: 10^7 x 10^7 px in 256 px chips would be 1.5 billion chips."""
 
 CRS_KEYS = ("proj:code", "proj:epsg", "proj:wkt2", "proj:projjson")
 """Projection-extension fields a CRS is read from, in order of preference."""
@@ -59,6 +66,19 @@ _PIXEL_TOL = 1e-6
 
 class GridError(StacchipError):
     """The item's georeferencing does not define a usable chip grid."""
+
+
+class ItemFormatError(GridError):
+    """The item's JSON does not have the STAC shape (properties or assets not objects)."""
+
+
+class TooManyChipsError(GridError):
+    """The grid has more chips than the per-item bound (`max_chips`)."""
+
+    def __init__(self, message: str, *, chips: int, limit: int) -> None:
+        super().__init__(message)
+        self.chips = chips
+        self.limit = limit
 
 
 class NoCRSError(GridError):
@@ -101,10 +121,33 @@ def item_view(item: Any) -> ItemView:
     if isinstance(item, ItemView):
         return item
     if isinstance(item, Mapping):
+        item_id = str(item.get("id", "<no id>"))
+        properties = item.get("properties")
+        properties = {} if properties is None else properties
+        assets = item.get("assets")
+        assets = {} if assets is None else assets
+        # JSON from anywhere: a list where an object belongs must be a one-line error here,
+        # not an AttributeError deep in the grid or quality code.
+        if not isinstance(properties, Mapping):
+            raise ItemFormatError(
+                f"item {item_id}: properties is a JSON {type(properties).__name__}, not an "
+                "object; fix the item"
+            )
+        if not isinstance(assets, Mapping):
+            raise ItemFormatError(
+                f"item {item_id}: assets is a JSON {type(assets).__name__}, not an object of "
+                "assets by key; fix the item"
+            )
+        for key, asset in assets.items():
+            if not isinstance(asset, Mapping):
+                raise ItemFormatError(
+                    f"item {item_id}: asset {key!r} is a JSON {type(asset).__name__}, not an "
+                    "object; fix the item"
+                )
         return ItemView(
-            id=str(item.get("id", "<no id>")),
-            properties=item.get("properties") or {},
-            assets=item.get("assets") or {},
+            id=item_id,
+            properties=properties,
+            assets=assets,
             collection=str(item.get("collection") or ""),
             geometry=item.get("geometry"),
         )
@@ -179,16 +222,21 @@ def item_crs(item: Any, *, prefer_asset: str | None = None) -> pyproj.CRS:
 
 def _as_shape(value: Any, item_id: str, where: str) -> tuple[int, int]:
     try:
-        height, width = (int(v) for v in value)
+        numbers = [float(v) for v in value]
     except (TypeError, ValueError) as e:
         raise NoGeoreferenceError(
             f"item {item_id}: {where} proj:shape={value!r} is not [height, width]; fix it or "
             "pass an explicit shape"
         ) from e
-    if height <= 0 or width <= 0:
+    # Checked here, before anything is sized from it: int(inf) raises OverflowError, and a
+    # fractional or negative shape would give a grid that does not exist.
+    whole = all(math.isfinite(v) and v >= 1 and v.is_integer() for v in numbers)
+    if len(numbers) != 2 or not whole:
         raise NoGeoreferenceError(
-            f"item {item_id}: {where} proj:shape={value!r} is empty; fix it or pass a shape"
+            f"item {item_id}: {where} proj:shape={value!r} is not two positive whole numbers "
+            "[height, width]; fix it or pass an explicit shape"
         )
+    height, width = (int(v) for v in numbers)
     return height, width
 
 
@@ -201,6 +249,11 @@ def _as_transform(value: Any, item_id: str, where: str) -> Affine:
             f"item {item_id}: {where} proj:transform={value!r} is not six affine coefficients "
             "(a, b, c, d, e, f); fix the item"
         ) from e
+    if not all(math.isfinite(v) for v in coefficients):
+        raise NoGeoreferenceError(
+            f"item {item_id}: {where} proj:transform={value!r} has a value that is not a finite "
+            "number; fix the item"
+        )
     if transform.is_degenerate:
         raise NoGeoreferenceError(
             f"item {item_id}: {where} proj:transform={value!r} is degenerate (zero pixel size)"
@@ -435,12 +488,18 @@ class ChipGrid:
 
 
 def chip_grid(
-    item: Any, *, chip_size: int = CHIP_SIZE, shape: tuple[int, int] | None = None
+    item: Any,
+    *,
+    chip_size: int = CHIP_SIZE,
+    shape: tuple[int, int] | None = None,
+    max_chips: int | None = MAX_CHIPS,
 ) -> ChipGrid:
     """The chip grid of a STAC item (pystac Item or dict).
 
     Raises a GridError subclass, naming the item, when there is no CRS, the CRS is not metric,
-    shape or transform are missing, or the chip size does not fit the scene.
+    shape or transform are missing or not finite (shape: positive whole numbers), the chip
+    size does not fit the scene, or the grid has more than `max_chips` chips
+    (`TooManyChipsError`; None: no bound, for readers of chips already indexed).
     """
     view = item_view(item)
     if isinstance(chip_size, bool) or not isinstance(chip_size, int | np.integer) or chip_size < 1:
@@ -454,6 +513,15 @@ def chip_grid(
         raise ChipSizeError(
             f"item {view.id}: chip size {chip_size} px is larger than the scene ({height} x "
             f"{width} px); pass a chip size of at most {min(height, width)}"
+        )
+    chips = (height // chip_size) * (width // chip_size)
+    if max_chips is not None and chips > max_chips:
+        raise TooManyChipsError(
+            f"item {view.id}: {height} x {width} px in chips of {chip_size} px are {chips:,} "
+            f"chips, more than max_chips={max_chips:,}; use a larger chip_size, check the "
+            "item's proj:shape, or raise max_chips",
+            chips=chips,
+            limit=max_chips,
         )
     return ChipGrid(
         item_id=view.id, crs=crs, transform=transform, shape=grid_shape, chip_size=int(chip_size)

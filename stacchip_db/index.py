@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from stacchip_db.errors import StacchipError
-from stacchip_db.grid import CHIP_SIZE, chip_grid, item_view
+from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS, chip_grid, item_view
 from stacchip_db.quality import NoQualityBandWarning, QualityRule, chip_fractions, choose_rule
 
 CHIP_SCHEMA = pa.schema(
@@ -46,6 +46,7 @@ def index_item(
     max_nodata: float = MAX_NODATA,
     shape: tuple[int, int] | None = None,
     quality_asset: str | None = None,
+    max_chips: int | None = MAX_CHIPS,
 ) -> pa.Table:
     """The chips of a STAC item (pystac Item or dict) as a `CHIP_SCHEMA` table.
 
@@ -56,10 +57,12 @@ def index_item(
     the quality band when the catalog's layout is not known. The part of a chip outside the
     item's geometry counts as nodata. Which rule and asset were used is in the table's schema
     metadata (`quality_used`); `auto` finding no quality band warns (`NoQualityBandWarning`).
+    An item whose grid has more than `max_chips` chips is refused (`grid.TooManyChipsError`)
+    before anything is read.
     """
     if not 0.0 <= max_nodata <= 1.0:
         raise StacchipError(f"max_nodata {max_nodata!r} is not a fraction between 0 and 1")
-    grid = chip_grid(item, chip_size=chip_size, shape=shape)
+    grid = chip_grid(item, chip_size=chip_size, shape=shape, max_chips=max_chips)
     choice = choose_rule(quality, item, quality_asset=quality_asset)
     if choice.warning:
         warnings.warn(choice.warning, NoQualityBandWarning, stacklevel=2)

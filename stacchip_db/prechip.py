@@ -46,7 +46,9 @@ import pyarrow.parquet as pq
 
 from stacchip_db.dataset import ChipRow, ChipSelection, bands_for, clay_norms
 from stacchip_db.errors import ConfigError, StacchipError
+from stacchip_db.paths import is_safe_name
 from stacchip_db.reader import ChipFailure, ItemChips, read_item_chips
+from stacchip_db.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,13 @@ def plan_cubes(
     rows = sorted(selection.rows, key=_sort_key)
     for collection, group in groupby(rows, key=lambda r: r.collection):
         chips = list(group)
+        if not is_safe_name(collection):  # it names the cubes' folder: it would escape `out`
+            log.warning(
+                "collection %r cannot be a folder name: its %d chips are not exported",
+                collection,
+                len(chips),
+            )
+            continue
         sizes = sorted({r.chip_size for r in chips})
         if len(sizes) > 1:
             raise PrechipError(
@@ -551,6 +560,8 @@ class PrechipSummary:
     written: int = 0
     failed: int = 0
     not_in_full_cube: int = 0
+    unsafe_names: int = 0
+    """Chips not exported because their collection cannot be a folder name."""
     cubes: int = 0
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
@@ -567,10 +578,10 @@ class PrechipSummary:
         if self.not_in_full_cube:
             text += f"; {self.not_in_full_cube} left over in a partial cube (--keep-partial)"
         if self.failed:
-            text += (
-                f"; {self.failed} chip{'s' * (self.failed != 1)} could not be read and were "
-                "left out"
-            )
+            text += f"; {plural(self.failed, 'chip')} could not be read and were left out"
+        if self.unsafe_names:
+            skipped = plural(self.unsafe_names, "chip")
+            text += f"; {skipped} skipped: collection cannot be a folder name"
         return text
 
 
@@ -603,10 +614,13 @@ def export_cubes(
     in_cubes = sum(len(p.rows) for p in plans)
     if shard is not None:
         plans = [plans[i] for i in shard.part(len(plans))]
+    unsafe = {c for c in {r.collection for r in selection.rows} if not is_safe_name(c)}
+    skipped = sum(r.collection in unsafe for r in selection.rows) if unsafe else 0
     summary = PrechipSummary(
         selected=len(selection),
         planned=sum(len(p.rows) for p in plans),
-        not_in_full_cube=len(selection) - in_cubes,
+        not_in_full_cube=len(selection) - in_cubes - skipped,
+        unsafe_names=skipped,
     )
     if on_plan is not None:
         on_plan(summary.planned)

@@ -238,7 +238,7 @@ def read_item_chips(
     Raises BandError / GridError when the item cannot give these bands on this grid at all,
     SigningError when no SAS token can be had.
     """
-    grid = chip_grid(item, chip_size=chip_size)
+    grid = chip_grid(item, chip_size=chip_size, max_chips=None)  # chips already indexed
     reads = plan_reads(item, bands)
     if lanes is None:
         lanes = REMOTE_LANES if any(is_remote(r.href) for r in reads) else 1
@@ -391,7 +391,7 @@ def read_chip(
     Raises ChipReadError naming the chip and the href when an asset cannot be read;
     Planetary Computer hrefs are signed as in `read_item_chips`.
     """
-    grid = grid or chip_grid(item, chip_size=chip_size)
+    grid = grid or chip_grid(item, chip_size=chip_size, max_chips=None)
     reads = reads if reads is not None else plan_reads(item, bands)
     out: np.ndarray | None = None
     for read in reads:

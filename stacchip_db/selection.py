@@ -549,9 +549,15 @@ def parse_end(text: str) -> datetime:
     """An inclusive upper bound, returned exclusive: a year or date includes all of it."""
     moment, whole = _parse_instant(text)
     value = text.strip()
-    if whole and len(value) == 4:
-        return moment.replace(year=moment.year + 1)
-    return moment + (timedelta(days=1) if whole else timedelta(microseconds=1))
+    try:  # the exclusive bound is one year/day/microsecond later: past datetime.max for 9999
+        if whole and len(value) == 4:
+            return moment.replace(year=moment.year + 1)
+        return moment + (timedelta(days=1) if whole else timedelta(microseconds=1))
+    except (ValueError, OverflowError) as exc:
+        raise SelectionError(
+            f"end {text!r} is past the last date that can be given (9999-12-30); give an "
+            "earlier end or leave the end open"
+        ) from exc
 
 
 def parse_interval(text: str) -> tuple[datetime | None, datetime | None]:

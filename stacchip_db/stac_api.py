@@ -84,7 +84,18 @@ def search(client: Client, *, max_items: int, **params: Any) -> list[pystac.Item
         warnings.simplefilter("ignore", DoesNotConformTo)
         # pystac's storage-extension migration warns about every non-S3 href it cannot parse.
         warnings.filterwarnings("ignore", "Could not parse bucket/account", UserWarning)
-        items = list(client.search(max_items=max_items, **params).items())
+        items = []
+        # Parsed one by one (what `.items()` does, without stopping at the first bad one): an
+        # item the API serves in the wrong shape is skipped with a warning, not the job's end.
+        for data in client.search(max_items=max_items, **params).items_as_dicts():
+            try:
+                items.append(pystac.Item.from_dict(data, root=client, preserve_dict=False))
+            except Exception as exc:  # pystac raises whatever the malformed JSON leads to
+                log.warning(
+                    "%s: item %s is not a STAC item (%s: %s); skipped",
+                    where, data.get("id") if isinstance(data, dict) else data,
+                    type(exc).__name__, exc,
+                )  # fmt: skip
     if not items:
         log.info("no items for %s", _describe(params))
     return items

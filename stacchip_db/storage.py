@@ -38,6 +38,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from stacchip_db.errors import StacchipError
+from stacchip_db.paths import check_name
 from stacchip_db.signing import sign_href
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,12 @@ def join(base: str, *parts: str) -> str:
     if is_s3(base) or is_http(base):
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
     return str(Path(base, *parts))
+
+
+def under(root: str, *names: str, what: str = "name") -> str:
+    """`root` (a directory or `s3://bucket[/prefix]`) joined with `names`, each of which must
+    be ONE safe segment (`paths.check_name`): what is built from ids stays under `root`."""
+    return join(root, *(check_name(name, what) for name in names))
 
 
 _S3_HTTPS = re.compile(

@@ -14,8 +14,9 @@ import shapely
 
 from stacchip_db.db import connect
 from stacchip_db.db.store import store_item
-from stacchip_db.export import ExportError, export_index, index_path
+from stacchip_db.export import export_index, index_path
 from stacchip_db.index import index_item
+from stacchip_db.paths import UnsafeName
 from stacchip_db.synthetic import synthesize_item
 from tests.conftest import error_line, run_cli
 
@@ -100,7 +101,7 @@ def test_export_filters_by_collection(
 
 
 def test_unsafe_names_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match=r"item id '\.\./x'"):
+    with pytest.raises(UnsafeName, match=r"item id '\.\./x'"):
         index_path(tmp_path, "naip", "../x")
 
 

@@ -274,12 +274,14 @@ def test_missing_source_object_fails_the_job_and_leaves_that_scene_out(
     )
     line = error_line(result)
     assert "gone.tif does not exist" in line and "job 4 failed" in line
+    assert "1 of 2 scenes failed" in line
     good, bad = (i["id"] for i in stac_api.items["sentinel-2-broken"])
     rows = db_rows(database_url)
     assert rows["items"] == [good] and rows["chip_items"] == [good]
     [(_, _, status, _, error, scenes, _)] = rows["jobs"]
     assert status == "failed" and "gone.tif does not exist" in error
-    assert [(s["id"], s["status"]) for s in scenes] == [(good, "stored"), (bad, "planned")]
+    assert [(s["id"], s["status"]) for s in scenes] == [(good, "stored"), (bad, "failed")]
+    assert f"item {bad}" in scenes[1]["error"] and "gone.tif" in scenes[1]["error"]
     assert not (tmp_path / "t" / "sentinel-2-broken" / bad / "stac_item.json").exists()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 import warnings
@@ -26,15 +27,24 @@ from urllib.parse import urljoin, urlparse
 
 import click
 
-from stacchip_db.cli.options import CliContext, pass_cli, plural, sign_option, with_database
+from stacchip_db.cli.options import (
+    CliContext,
+    max_chips_option,
+    pass_cli,
+    sign_option,
+    with_database,
+)
 from stacchip_db.db.connection import Database
 from stacchip_db.errors import StacchipError
+from stacchip_db.text import plural
 
 QUALITY_RULES = ("auto", "s2", "landsat", "modis", "none")
 """`--quality` choices: the rules of `stacchip_db.quality` (kept here to import it lazily)."""
 NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".geojsonl", ".geojsons")
 ITEM_SUFFIXES = (".json", ".geojson", *NDJSON_SUFFIXES)
 """Files `index` reads from a folder."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -151,13 +161,16 @@ def _items_of(document: Any, where: str, base: str) -> Iterator[Source]:
         yield Source(where, error=f"{where}: not a STAC item (a JSON {type(document).__name__})")
 
 
-def _lines(lines: Iterator[str], source: str, base: str) -> Iterator[Source]:
+def _lines(lines: Iterator[str] | Iterator[bytes], source: str, base: str) -> Iterator[Source]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{source} line {number}"
         try:
-            document = json.loads(line)
+            document = json.loads(line)  # bytes: UTF-8 (or -16/-32) detected by json
+        except UnicodeDecodeError as e:
+            yield Source(where, error=f"{where}: not UTF-8 text ({e.reason}); fix or remove it")
+            continue
         except json.JSONDecodeError as e:
             yield Source(where, error=f"{where}: not JSON ({e.msg}); fix or remove the line")
             continue
@@ -200,7 +213,7 @@ def read_sources(sources: tuple[str, ...]) -> Iterator[Source]:
         ndjson = urlparse(source).path.lower().endswith(NDJSON_SUFFIXES)
         if ndjson and not _is_url(source):
             try:
-                with open(source, encoding="utf-8") as handle:
+                with open(source, "rb") as handle:  # decoded line by line: one bad line, one error
                     yield from _lines(handle, source, base)
             except OSError as e:
                 yield Source(source, error=f"cannot read {source}: {e.strerror}")
@@ -214,6 +227,9 @@ def read_sources(sources: tuple[str, ...]) -> Iterator[Source]:
                 text = Path(source).read_text(encoding="utf-8")
         except OSError as e:
             yield Source(source, error=f"cannot read {source}: {e.strerror}")
+            continue
+        except UnicodeDecodeError as e:
+            yield Source(source, error=f"{source}: not UTF-8 text ({e.reason}); pass STAC JSON")
             continue
         except StacchipError as e:  # storage's one-line errors (HTTP status, missing object)
             yield Source(source, error=str(e))
@@ -250,6 +266,21 @@ def _one_line(message: str, item_id: str) -> str:
     return text if item_id in text else f"item {item_id}: {text}"
 
 
+def _item_error(error: Exception) -> str:
+    """What went wrong with one item, in the CLI's words (its flags, not Python parameters)."""
+    from stacchip_db.grid import TooManyChipsError
+
+    if isinstance(error, TooManyChipsError):
+        return (
+            f"{error.chips:,} chips, more than --max-chips {error.limit:,}; use a larger "
+            "--chip-size, check the item's proj:shape, or raise --max-chips"
+        )
+    if isinstance(error, StacchipError):
+        return str(error)
+    log.debug("indexing an item failed", exc_info=error)  # -vv: where it came from
+    return f"{type(error).__name__}: {error}"
+
+
 # -- index ------------------------------------------------------------------------------------
 
 
@@ -279,6 +310,7 @@ def _one_line(message: str, item_id: str) -> str:
     "--max-nodata", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
     help="Chips with a larger nodata fraction are not stored.",
 )
+@max_chips_option
 @click.option(
     "--strict", is_flag=True,
     help="Fail items whose collection does not exist instead of creating a minimal one.",
@@ -315,6 +347,7 @@ def index(
     quality_asset: str | None,
     chip_size: int,
     max_nodata: float,
+    max_chips: int,
     strict: bool,
     on_conflict: str,
     writers: int,
@@ -362,6 +395,8 @@ def index(
             "chip_size": chip_size,
             "max_nodata": max_nodata,
         }
+        if max_chips is not None:
+            options["max_chips"] = max_chips
         if bulk:
             _bulk(conn, sources, collection, options, strict, on_conflict, progress, summary,
                   errors)
@@ -422,14 +457,14 @@ def _indexed(
         if collection and not item.get("collection"):
             item["collection"] = collection
         try:
-            check_item(item)  # id, collection, datetime: named errors early
+            check_item(item)  # id, collection, datetime, safe names: named errors early
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", NoQualityBandWarning)
                 chips = index_item(item, **options)
             (height, width), _, _ = item_georeference(item)
-        except StacchipError as e:  # a bad item is reported and skipped
+        except Exception as e:  # one bad item, whatever it raises, is reported and skipped
             name = str(item.get("id") or source.where)
-            errors.append((name, _one_line(str(e), name)))
+            errors.append((name, _one_line(_item_error(e), name)))
             continue
         for warning in caught:
             text = str(warning.message)
@@ -541,4 +576,10 @@ def export_index(
 
     with db.connect() as conn:
         result = write_index(conn, out_dir, collections=collections or None, chip_size=chip_size)
-    click.echo(f"exported {result.chips:,} chips of {plural(result.files, 'item')} to {out_dir}")
+    text = f"exported {result.chips:,} chips of {plural(result.files, 'item')} to {out_dir}"
+    if result.skipped:  # each was named by a warning as it was skipped
+        text += (
+            f"; {plural(len(result.skipped), 'item')} skipped: their collection or id cannot be "
+            "a folder name"
+        )
+    click.echo(text)

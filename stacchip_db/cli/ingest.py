@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from stacchip_db.cli.options import with_database
+from stacchip_db.cli.options import max_chips_option, with_database
 from stacchip_db.db import Database
 from stacchip_db.grid import CHIP_SIZE
 from stacchip_db.processors import processors
@@ -24,6 +24,7 @@ COMMON = (
     "stac_api",
     "collection",
     "chip_size",
+    "max_chips",
     "sign",
     "dry_run",
     "as_json",
@@ -56,6 +57,8 @@ def _command(processor: Processor) -> click.Command:
             collection=kwargs["collection"],
             chip_size=kwargs["chip_size"],
             sign=kwargs["sign"],
+            # not given: JobRequest's default bound (grid.MAX_CHIPS)
+            **({} if kwargs["max_chips"] is None else {"max_chips": kwargs["max_chips"]}),
             dry_run=kwargs["dry_run"],
             options={k: v for k, v in kwargs.items() if k not in COMMON},
         )
@@ -114,6 +117,7 @@ def _command(processor: Processor) -> click.Command:
             show_default=True,
             help="Chip size in pixels of the finest grid.",
         ),
+        max_chips_option,
         click.option(
             "--sign/--no-sign",
             default=None,

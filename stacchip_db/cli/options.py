@@ -30,9 +30,6 @@ class CliContext:
 pass_cli = click.make_pass_decorator(CliContext)
 
 
-def plural(n: int, word: str) -> str:
-    """`1 item`, `2 items`: a count with its noun (English plural in -s)."""
-    return f"{n} {word}{'s' * (n != 1)}"
 def _apply_signing(ctx: click.Context, _param: click.Parameter, value: bool | None) -> None:
     # For the command's run only (its worker processes inherit it), not the caller's process.
     if value is not None:
@@ -65,3 +62,15 @@ def with_database(func: Callable[..., Any]) -> Callable[..., Any]:
         return func(*args, db=Database(url, cli.settings.query_database_url), **kwargs)
 
     return wrapper
+
+
+max_chips_option = click.option(
+    "--max-chips",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Refuse an item whose grid has more than N chips, before reading it (a wrong "
+    "proj:shape or a tiny --chip-size would otherwise take gigabytes). Default: 1,000,000 "
+    "(stacchip_db.grid.MAX_CHIPS).",
+)
+"""`--max-chips` of `index` and `ingest`; None (not given) leaves the library's default."""

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from stacchip_db.cli.options import plural, with_database
+from stacchip_db.cli.options import with_database
 from stacchip_db.cli.prechip import EXIT_CHIPS_FAILED, chip_source_options, select
 from stacchip_db.db import Database
 from stacchip_db.selection import ChipFilter, Sampling
 from stacchip_db.sensors import SENSORS
+from stacchip_db.text import plural
 
 
 @click.command()

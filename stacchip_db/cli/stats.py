@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from stacchip_db.cli.options import plural, with_database
+from stacchip_db.cli.options import with_database
 from stacchip_db.cli.prechip import ChipProgress, band_options, chip_source_options, quiet, select
 from stacchip_db.db import Database
 from stacchip_db.errors import ConfigError
 from stacchip_db.selection import ChipFilter, Sampling
+from stacchip_db.text import plural
 
 if TYPE_CHECKING:
     from stacchip_db.bandstats import StatsResult

@@ -51,8 +51,9 @@ import pyarrow as pa
 from psycopg import pq
 
 from stacchip_db.db.connection import translate_errors
-from stacchip_db.errors import DatabaseError, StacchipError
+from stacchip_db.errors import DatabaseError, DatabaseUnavailable, StacchipError
 from stacchip_db.index import item_datetime
+from stacchip_db.paths import UnsafeName, check_name
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ def check_item(item: Any) -> tuple[str, str, datetime]:
         raise ItemError(
             f"item {item_id}: no collection; set `collection` in the item or pass --collection"
         )
+    check_ids(collection, item_id)
     if item.get("type") != "Feature":
         raise ItemError(f"item {item_id}: type is {item.get('type')!r}, a STAC item's is Feature")
     geometry = item.get("geometry")
@@ -166,6 +168,17 @@ def check_item(item: Any) -> tuple[str, str, datetime]:
     if when.tzinfo is None:  # STAC says RFC 3339 (with offset); read a bare time as UTC
         when = when.replace(tzinfo=UTC)
     return collection, item_id, when
+
+
+def check_ids(collection: str, item_id: str) -> None:
+    """`ItemError` naming the item when its collection or id is not one safe path segment:
+    ids become folder names (ingest, prechip, export-index), so they are refused on the way in.
+    """
+    for what, name in (("collection", collection), ("item id", item_id)):
+        try:
+            check_name(name, what)
+        except UnsafeName as e:
+            raise ItemError(f"item {item_id}: {e}") from e
 
 
 def _prepare(item: Mapping[str, Any], chips: pa.Table) -> _Prepared:
@@ -191,8 +204,14 @@ def minimal_collection(collection: str, item: Mapping[str, Any]) -> dict[str, An
     The extent is the first item's bbox and datetime; pgstac's `update_collection_extents()`
     recomputes it from all items when wanted.
     """
-    _, _, when = check_item(item)
-    bbox = item.get("bbox") or _geometry_bbox(item["geometry"])
+    _, item_id, when = check_item(item)
+    bbox = item.get("bbox")
+    if not (
+        isinstance(bbox, list | tuple)
+        and len(bbox) in (4, 6)
+        and all(isinstance(v, int | float) and np.isfinite(v) for v in bbox)
+    ):  # no bbox (it is optional in GeoJSON) or not a usable one: the geometry's bounds
+        bbox = _geometry_bbox(item_id, item["geometry"])
     stamp = when.astimezone(UTC).isoformat().replace("+00:00", "Z")
     return {
         "type": "Collection",
@@ -208,20 +227,18 @@ def minimal_collection(collection: str, item: Mapping[str, Any]) -> dict[str, An
     }
 
 
-def _geometry_bbox(geometry: Mapping[str, Any]) -> list[float]:
-    coords = np.asarray(_flatten(geometry.get("coordinates")), dtype=np.float64).reshape(-1, 2)
-    return [*coords.min(axis=0).tolist(), *coords.max(axis=0).tolist()]
+def _geometry_bbox(item_id: str, geometry: Mapping[str, Any]) -> list[float]:
+    """The bounds of a GeoJSON geometry (shapely), for an item that has no `bbox`."""
+    import shapely.geometry
+    from shapely.errors import ShapelyError
 
-
-def _flatten(value: Any) -> Iterator[float]:
-    if isinstance(value, int | float):
-        yield float(value)
-        return
-    for part in value or []:
-        if isinstance(part, list | tuple) and part and isinstance(part[0], int | float):
-            yield from (float(v) for v in part[:2])
-        else:
-            yield from _flatten(part)
+    try:
+        bounds = list(shapely.geometry.shape(geometry).bounds)
+    except (ShapelyError, TypeError, ValueError, KeyError, IndexError) as e:
+        raise ItemError(f"item {item_id}: geometry is not valid GeoJSON ({e}); fix it") from e
+    if not np.isfinite(bounds).all():
+        raise ItemError(f"item {item_id}: geometry is empty; give the item a footprint")
+    return bounds
 
 
 # -- chips as a binary COPY stream ------------------------------------------------------------
@@ -528,6 +545,11 @@ def _already_stored(
 
 
 def _check_idle(conn: psycopg.Connection) -> None:
+    if conn.closed or conn.broken:  # not the caller's mistake: the server or network went
+        raise DatabaseUnavailable(
+            "lost the database connection (the server closed it or the network failed); "
+            "check the server, then run again"
+        )
     if conn.info.transaction_status != pq.TransactionStatus.IDLE:
         raise ValueError(
             "store_items commits its own transactions: pass a connection that is not inside "
@@ -623,6 +645,14 @@ class ItemFailure:
 
     item_id: str
     message: str
+
+
+def _failure(item: Any, error: Exception) -> ItemFailure:
+    """The one-line failure of `item`; an error that is not ours keeps its type's name."""
+    if isinstance(error, StacchipError):
+        return ItemFailure(_item_id(item), str(error))
+    log.debug("storing item %s failed", _item_id(item), exc_info=error)
+    return ItemFailure(_item_id(item), f"{type(error).__name__}: {error}")
 
 
 class ItemWriter:
@@ -757,19 +787,25 @@ class ItemWriter:
         kwargs = {
             "chip_size": self.chip_size, "strict": self.strict, "on_conflict": self.on_conflict
         }
+        # Any exception of a batch (not only ours: a malformed item can raise anything) is
+        # isolated to its items, except a lost connection, which every item would meet again.
         try:
             self._done(store_items(conn, batch, **kwargs))
             return
-        except StacchipError as e:
+        except Exception as e:
+            if conn.closed or conn.broken:
+                raise
             if len(batch) == 1:
-                self._done(failure=ItemFailure(_item_id(batch[0][0]), str(e)))
+                self._done(failure=_failure(batch[0][0], e))
                 return
             log.debug("batch of %d items failed (%s); storing them one by one", len(batch), e)
         for item, chips in batch:
             try:
                 self._done(store_items(conn, [(item, chips)], **kwargs))
-            except StacchipError as e:
-                self._done(failure=ItemFailure(_item_id(item), str(e)))
+            except Exception as e:
+                if conn.closed or conn.broken:
+                    raise
+                self._done(failure=_failure(item, e))
 
     def _done(self, result: StoreResult | None = None, failure: ItemFailure | None = None) -> None:
         with self._lock:

@@ -36,9 +36,9 @@ from pystac_client import Client
 
 from stacchip_db import storage
 from stacchip_db.db import Database, translate_errors
-from stacchip_db.db.store import store_item
-from stacchip_db.errors import StacchipError
-from stacchip_db.grid import CHIP_SIZE
+from stacchip_db.db.store import check_ids, store_item
+from stacchip_db.errors import DatabaseUnavailable, StacchipError
+from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS
 from stacchip_db.index import MAX_NODATA, index_item
 from stacchip_db.quality import QualityRule
 from stacchip_db.samples import Sample, read_sample
@@ -57,6 +57,10 @@ PHASES = ("search", "copy", "index", "store")
 
 class ProcessorError(StacchipError):
     """A scene or its assets do not fit the processor's rules."""
+
+
+class ScenesFailed(StacchipError):
+    """Some scenes of a job could not be ingested; the others were (each scene's `error`)."""
 
 
 class JobFailed(StacchipError):
@@ -99,6 +103,8 @@ class JobRequest:
     stac_api: str
     collection: str
     chip_size: int = CHIP_SIZE
+    max_chips: int | None = MAX_CHIPS
+    """Bound on the chips of one scene (`grid.chip_grid`); None: no bound."""
     sign: bool | None = None
     dry_run: bool = False
     options: dict[str, Any] = field(default_factory=dict)
@@ -206,6 +212,8 @@ class SceneReport:
     copied_objects: int = 0
     skipped_objects: int = 0
     href: str | None = None
+    error: str | None = None
+    """Why the scene failed (status `failed`): one line naming the item."""
 
 
 @dataclass
@@ -329,9 +337,23 @@ def _run_job(processor: Processor, request: JobRequest, db: Database | None) -> 
         scenes = _plan(processor, request, summary)
         if request.dry_run:
             return summary
+        failed: list[SceneReport] = []
         for number, scene in enumerate(scenes, 1):
             report = summary.scenes[number - 1]
-            _ingest_scene(processor, request, scene, report, summary.timings, db)  # type: ignore[arg-type]
+            try:
+                _ingest_scene(processor, request, scene, report, summary.timings, db)  # type: ignore[arg-type]
+            except DatabaseUnavailable:  # every later scene would fail the same way
+                raise
+            except Exception as exc:  # one bad scene, whatever it raises, spares the others
+                report.status = "failed"
+                report.error = _scene_error(exc, report.id)
+                failed.append(report)
+                log.warning(
+                    "%s job %d: scene %d/%d %s (%s) failed, the job goes on: %s",
+                    processor.name, request.index, number, len(scenes), report.id,
+                    report.label, report.error,
+                )  # fmt: skip
+                continue
             log.info(
                 "%s job %d: scene %d/%d %s (%s) stored, %d chips, %d objects copied, %d present",
                 processor.name,
@@ -343,6 +365,11 @@ def _run_job(processor: Processor, request: JobRequest, db: Database | None) -> 
                 report.chips or 0,
                 report.copied_objects,
                 report.skipped_objects,
+            )
+        if failed:
+            raise ScenesFailed(
+                f"{len(failed)} of {len(scenes)} scenes failed (the others are stored): "
+                f"{failed[0].error}" + (" …" if len(failed) > 1 else "")
             )
         summary.status = "succeeded"
     except BaseException as exc:
@@ -412,6 +439,21 @@ def scene_item(processor: Processor, scene: Scene, request: JobRequest) -> dict[
     return data
 
 
+def _scene_error(error: Exception, item_id: str) -> str:
+    """One line for a failed scene, naming its item; an error not ours keeps its type."""
+    text = " ".join(str(error).split())
+    if not isinstance(error, StacchipError):
+        log.debug("scene %s failed", item_id, exc_info=error)
+        text = f"{type(error).__name__}: {text}"
+    return text if item_id in text else f"item {item_id}: {text}"
+
+
+def asset_path(folder: str, href: str) -> str:
+    """Where an asset is copied: `{folder}/{file name of href}`, the name checked to be one
+    segment (`paths.check_name`), so no href of a remote API can write outside `folder`."""
+    return storage.under(folder, storage.file_name(href), what="asset file name")
+
+
 def _ingest_scene(
     processor: Processor,
     request: JobRequest,
@@ -421,10 +463,11 @@ def _ingest_scene(
     db: Database,
 ) -> None:
     item = scene_item(processor, scene, request)
-    folder = storage.join(request.target, item["collection"], item["id"])
+    check_ids(item["collection"], item["id"])  # folder names: refused before any copy
+    folder = storage.under(request.target, item["collection"], item["id"])
     with _timed(timings, "copy"):
         item = processor.prepare(item, folder, report)
-        item_href = storage.join(folder, ITEM_FILE)
+        item_href = storage.under(folder, ITEM_FILE)
         storage.write_text(item_href, json.dumps(item, indent=2))
         report.href = item_href
     with _timed(timings, "index"):
@@ -433,6 +476,7 @@ def _ingest_scene(
             quality=processor.quality_rule(item),
             chip_size=request.chip_size,
             max_nodata=processor.max_nodata,
+            max_chips=request.max_chips,
         )
     with _timed(timings, "store"), db.connect(autocommit=True) as conn:
         store_item(conn, item, chips, chip_size=request.chip_size)
@@ -445,7 +489,7 @@ def _copy_assets(
 ) -> None:
     """Copy every asset into `folder` (in parallel) and point its href at the copy."""
     jobs = {
-        key: (asset["href"], storage.join(folder, storage.file_name(asset["href"])))
+        key: (asset["href"], asset_path(folder, asset["href"]))
         for key, asset in item["assets"].items()
     }
     with ThreadPoolExecutor(max_workers=min(COPY_THREADS, len(jobs) or 1)) as pool:

@@ -36,7 +36,14 @@ from rio_stac import create_stac_item
 from stacchip_db import storage
 from stacchip_db.errors import StacchipError
 from stacchip_db.processors import register
-from stacchip_db.processors.base import JobRequest, PlanContext, Processor, Scene, SceneReport
+from stacchip_db.processors.base import (
+    JobRequest,
+    PlanContext,
+    Processor,
+    Scene,
+    SceneReport,
+    asset_path,
+)
 from stacchip_db.processors.derived import derive_object, open_source, write_array_cog
 from stacchip_db.quality import profile_rule
 from stacchip_db.sensors import collection_profile
@@ -189,7 +196,7 @@ class Linz(Processor):
 
     def prepare(self, item: dict[str, Any], folder: str, report: SceneReport) -> dict[str, Any]:
         source = item["assets"][ASSET]["href"]
-        destination = storage.join(folder, storage.file_name(source))
+        destination = asset_path(folder, source)
         href = derive_object(source, destination, _resampler(source), report)
         start = item["properties"].get("start_datetime") or item["properties"].get("datetime")
         if not start:

@@ -28,7 +28,6 @@ from typing import Any
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
-from stacchip_db import storage
 from stacchip_db.errors import StacchipError
 from stacchip_db.processors import register
 from stacchip_db.processors.base import (
@@ -38,6 +37,7 @@ from stacchip_db.processors.base import (
     Processor,
     Scene,
     SceneReport,
+    asset_path,
 )
 from stacchip_db.processors.derived import derive_object, open_source, write_cog
 from stacchip_db.quality import profile_rule
@@ -136,7 +136,7 @@ class Modis(Processor):
     def prepare(self, item: dict[str, Any], folder: str, report: SceneReport) -> dict[str, Any]:
         for key, asset in item["assets"].items():
             source = asset["href"]
-            destination = storage.join(folder, storage.file_name(source))
+            destination = asset_path(folder, source)
             asset["href"] = derive_object(source, destination, _reprojector(source), report)
             asset["type"] = "image/tiff; application=geotiff; profile=cloud-optimized"
             for field in [k for k in asset if k.startswith("proj:")]:

@@ -24,9 +24,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stacchip_db import storage
 from stacchip_db.processors import register
-from stacchip_db.processors.base import QUARTERS, YEARS, PlanContext, Processor, Scene, SceneReport
+from stacchip_db.processors.base import (
+    QUARTERS,
+    YEARS,
+    PlanContext,
+    Processor,
+    Scene,
+    SceneReport,
+    asset_path,
+)
 from stacchip_db.processors.derived import derive_object, open_source, write_cog
 from stacchip_db.quality import QualityRule, profile_rule
 from stacchip_db.sensors import collection_profile
@@ -74,7 +81,7 @@ class Sentinel1(Processor):
     def prepare(self, item: dict[str, Any], folder: str, report: SceneReport) -> dict[str, Any]:
         for asset in item["assets"].values():
             source = asset["href"]
-            destination = storage.join(folder, storage.file_name(source))
+            destination = asset_path(folder, source)
             asset["href"] = derive_object(source, destination, _reencoder(source), report)
             asset["type"] = "image/tiff; application=geotiff; profile=cloud-optimized"
             with open_source(asset["href"]) as copy:  # the file's nodata wins over the catalog's
