@@ -187,8 +187,8 @@ def expand_sources(sources: tuple[str, ...]) -> tuple[str, ...]:
     expanded: list[str] = []
     for source in sources:
         path = Path(source)
-        if _is_url(source) or path.is_file():
-            expanded.append(source)
+        if _is_url(source) or (path.exists() and not path.is_dir()):
+            expanded.append(source)  # a file, or a pipe (`<(…)`, a FIFO) streamed as it comes
         elif path.is_dir():
             found = sorted(
                 str(p) for p in path.rglob("*")
