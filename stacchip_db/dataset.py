@@ -2,7 +2,8 @@
 
 `load_selection` is how every exporter (prechip, stats, pictures, ChipDataset) gets its chips:
 
-- the user's SQL runs in a READ ONLY transaction with a statement timeout, through a
+- the user's SQL runs in a READ ONLY transaction with a statement timeout (and a short lock
+  timeout: behind a bulk load it gives up within seconds, naming it), through a
   server-side cursor (`DECLARE … CURSOR FOR <query>`): PostgreSQL then accepts exactly one
   SELECT (or VALUES) and refuses `DELETE …`, `UPDATE …` and `SELECT …; DROP …` before running
   anything, and the read-only transaction refuses writes hidden in functions;
@@ -28,6 +29,7 @@ import shapely
 from psycopg import sql
 
 from stacchip_db.db import connect, translate_errors
+from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
 from stacchip_db.errors import DatabaseError, StacchipError
 from stacchip_db.index import item_datetime
 from stacchip_db.reader import (
@@ -121,12 +123,13 @@ def load_selection(
     with connect(database_url) as conn:
         conn.read_only = True
         try:
-            with conn.transaction():
+            with lock_waits(conn, "reading the selected chips"), conn.transaction():
                 conn.execute(
                     "SELECT set_config('statement_timeout', %s, true), "
                     "set_config('search_path', 'pgstac, public', true)",
                     (f"{int(statement_timeout_s * 1000)}ms",),
                 )
+                set_lock_timeout(conn, READ_LOCK_TIMEOUT_S)
                 keys = _run_user_query(conn, statement, params)
                 with translate_errors("reading the selected chips"):
                     rows = _chip_rows(conn, keys)

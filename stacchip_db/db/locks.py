@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import psycopg
 from psycopg import pq
 
-from stacchip_db.errors import DatabaseError
+from stacchip_db.errors import DatabaseError, StacchipError
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,17 @@ def locked_message(what: str, holder: str, table: str = CHIPS_TABLE) -> str:
 @contextmanager
 def lock_waits(conn: psycopg.Connection, what: str, table: str = CHIPS_TABLE) -> Iterator[None]:
     """A lock wait inside the block that runs out (`lock_timeout`, see `set_lock_timeout`)
-    raises `TableLocked`: one line naming `what` was being done and who holds `table`.
+    raises `TableLocked`: one line naming `what` was being done and who holds `table`. The
+    wait may come bare or already translated (a `StacchipError` caused by it).
 
     Open the transaction inside the block: the holder is looked up after it has rolled back.
     """
     try:
         yield
-    except psycopg.errors.LockNotAvailable as exc:
+    except (psycopg.errors.LockNotAvailable, StacchipError) as exc:
+        cause = exc if isinstance(exc, psycopg.Error) else exc.__cause__
+        if not isinstance(cause, psycopg.errors.LockNotAvailable):
+            raise
         if conn.info.transaction_status == pq.TransactionStatus.INERROR:
             conn.rollback()
-        raise TableLocked(locked_message(what, holder_of(conn, table), table)) from exc
+        raise TableLocked(locked_message(what, holder_of(conn, table), table)) from cause
