@@ -385,12 +385,13 @@ def _worker_init(parent: int) -> None:
 
     A worker whose parent is gone (killed, even by SIGKILL) would wait for tasks for ever and
     keep its shared-memory segments mapped: on Linux the kernel kills it when the parent dies
-    (`PR_SET_PDEATHSIG`), elsewhere a thread polls the parent's pid. SIGTERM gets its default
-    action back (a forked worker inherits the parent's Python handler), and SIGINT is ignored:
-    Ctrl-C reaches the whole process group, and the parent ends the workers itself.
+    (`PR_SET_PDEATHSIG`), elsewhere a thread polls the parent's pid. A forked worker inherits
+    the parent's Python handlers: SIGTERM gets its default action back (the parent ends the
+    workers with it), and SIGINT and SIGHUP are ignored: Ctrl-C and a hang-up reach the whole
+    process group, and the parent ends the workers itself.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.SIG_IGN)
     watched = False
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):

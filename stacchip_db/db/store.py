@@ -74,10 +74,6 @@ BATCH_ITEMS = 500
 # First key of the two-int advisory locks that serialise pgstac partition checks per
 # collection. The one-bigint lock space (item locks, `db init`) is a different lock tag.
 _PARTITION_LOCK_CLASS = 0x57AC
-BULK_LOCK_ATTEMPT_S = 1.0
-"""How long one attempt of the bulk load to lock stacchip.chips waits (see `_lock_exclusively`)."""
-BULK_LOCK_PAUSE_S = 0.2
-"""The pause between two such attempts, in which the sessions queued behind it go on."""
 _LICENSE = "other"
 
 
@@ -794,6 +790,10 @@ class ItemWriter:
 
 BULK_MAINTENANCE_WORK_MEM = "1GB"
 """`maintenance_work_mem` of the bulk load's transaction (index builds sort in memory)."""
+BULK_LOCK_ATTEMPT_S = 1.0
+"""How long one attempt of the bulk load to lock stacchip.chips waits (see `_lock_exclusively`)."""
+BULK_LOCK_PAUSE_S = 0.2
+"""The pause between two such attempts, in which the sessions queued behind it go on."""
 
 _BULK_COLUMNS = (
     "collection", "item_id", "chip_size", "chip_index_x", "chip_index_y", "datetime",
@@ -1154,6 +1154,6 @@ def chips_table_is_empty(conn: psycopg.Connection) -> bool:
             set_lock_timeout(conn, READ_LOCK_TIMEOUT_S)
             return conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {CHIPS_TABLE})").fetchone()[0]
     except psycopg.errors.LockNotAvailable:
-        log.info("%s is locked by %s: not a bulk load", CHIPS_TABLE,
-                 holder_of(conn) or "another session")
+        log.info("%s is locked by %s: taken as not empty (the normal path waits for it)",
+                 CHIPS_TABLE, holder_of(conn) or "another session")
         return False
