@@ -3,7 +3,8 @@
 `load_selection` is how every exporter (prechip, stats, pictures, ChipDataset) gets its chips:
 
 - the user's SQL runs as `db.user_sql` runs user SQL: on its own least-privileged login, in a
-  READ ONLY transaction that is rolled back, under a deadline the client keeps, through a
+  READ ONLY transaction that is rolled back, under a deadline the client keeps (and a short lock
+  timeout: behind a bulk load it gives up within seconds, naming it), through a
   server-side cursor (`DECLARE … CURSOR FOR <query>`): PostgreSQL then accepts exactly one
   SELECT (or VALUES) and refuses `DELETE …`, `UPDATE …` and `SELECT …; DROP …` before running
   anything, and the read-only transaction refuses writes hidden in functions;
@@ -29,6 +30,7 @@ import shapely
 from psycopg import sql
 
 from stacchip_db.db import connect, translate_errors
+from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
 from stacchip_db.db.user_sql import QueryError, check_timeout, login_url, user_query
 from stacchip_db.errors import DatabaseError
 from stacchip_db.index import item_datetime
@@ -127,7 +129,8 @@ def load_selection(
         # REPEATABLE READ: the lookups below see the snapshot exported to the user's query.
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
-        with conn.transaction():
+        with lock_waits(conn, "reading the selected chips"), conn.transaction():
+            set_lock_timeout(conn, READ_LOCK_TIMEOUT_S)
             with translate_errors("sharing a snapshot with the chip query"):
                 snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
             keys = _run_user_query(

@@ -75,26 +75,19 @@ def index_path(out_dir: Path, collection: str, item_id: str) -> Path:
     return out_dir / collection / item_id / f"index_{item_id}.parquet"
 
 
-def _geo_metadata(bbox: list[float]) -> bytes:
-    """GeoParquet 1.0 file metadata for the WKB `geometry` column in EPSG:4326."""
+def geo_metadata(bbox: list[float] | None = None) -> bytes:
+    """GeoParquet 1.0 file metadata for the WKB `geometry` column (polygons) in EPSG:4326;
+    `bbox` (optional in GeoParquet) when the extent is known before writing."""
     global _EPSG_4326_PROJJSON
     if _EPSG_4326_PROJJSON is None:
         import pyproj
 
         _EPSG_4326_PROJJSON = pyproj.CRS.from_epsg(4326).to_json_dict()
+    column: dict = {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": _EPSG_4326_PROJJSON}
+    if bbox is not None:
+        column["bbox"] = bbox
     return json.dumps(
-        {
-            "version": "1.0.0",
-            "primary_column": "geometry",
-            "columns": {
-                "geometry": {
-                    "encoding": "WKB",
-                    "geometry_types": ["Polygon"],
-                    "crs": _EPSG_4326_PROJJSON,
-                    "bbox": bbox,
-                }
-            },
-        }
+        {"version": "1.0.0", "primary_column": "geometry", "columns": {"geometry": column}}
     ).encode()
 
 
@@ -154,7 +147,7 @@ def export_index(
                     pa.array(nodata, pa.float32()),
                     pa.array(wkb, pa.binary()),
                 ],
-                schema=INDEX_SCHEMA.with_metadata({b"geo": _geo_metadata(list(bbox))}),
+                schema=INDEX_SCHEMA.with_metadata({b"geo": geo_metadata(list(bbox))}),
             )
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

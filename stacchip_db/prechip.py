@@ -22,14 +22,17 @@ Cube contents (ARCHITECTURE.md): `pixels` float32 `(N, C, H, W)` in the platform
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import logging
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +64,62 @@ BATCH_SIZE_ENV = "AWS_BATCH_JOB_ARRAY_SIZE"
 
 class PrechipError(StacchipError):
     """The export cannot run as asked (mixed chip sizes, bad shard, unwritable output)."""
+
+
+class PrechipStopped(PrechipError):
+    """The export was stopped by a signal; workers, shared memory and partial files are gone."""
+
+
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
+)
+"""Signals that stop an export cleanly (`stops_cleanly`)."""
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by a stop signal. A BaseException, so that no `except
+    Exception` on the way (a chip read recording its failure) mistakes it for a failed read."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal_name = signal.Signals(signum).name
+
+
+def stops_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `func` so that SIGTERM, SIGINT and SIGHUP stop it cleanly: the signal raises `_Stop`
+    in the main thread, the `finally` blocks on the way out end the worker processes and
+    remove shared memory and partial files (later signals are ignored meanwhile), and the
+    caller gets `PrechipStopped` (one line). The previous handlers come back at the end.
+    Outside the main thread (where Python takes no signals) `func` runs as it is.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return func(*args, **kwargs)
+        stopping = False
+
+        def handler(signum: int, _frame: Any) -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                raise _Stop(signum)
+
+        previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+        try:
+            return func(*args, **kwargs)
+        except _Stop as stop:
+            raise PrechipStopped(
+                f"prechip was stopped by {stop.signal_name}; the cubes it had written stay "
+                "(no manifest), its worker processes, shared memory and partial files are "
+                "cleaned up: run it again to finish"
+            ) from None
+        finally:
+            stopping = True  # a signal from here on finds the work done: nothing to raise
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+
+    return wrapper
 
 
 # -- shards -------------------------------------------------------------------------------------
@@ -293,7 +352,12 @@ def run_tasks(
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    before = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+    )
+    finished = False
+    try:
         pending: set[Future[TaskResult]] = set()
         queue = iter(tasks)
         exhausted = False
@@ -311,6 +375,60 @@ def run_tasks(
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield future.result()
+        finished = True
+    finally:
+        if finished:
+            pool.shutdown(wait=True)
+        else:
+            # Stopped (a signal, an error, the consumer gave up): the tasks in flight are not
+            # wanted, and waiting for them could take minutes. End the workers now.
+            pool.shutdown(wait=False, cancel_futures=True)
+            _end_processes(set(multiprocessing.active_children()) - before)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _worker_init(parent: int) -> None:
+    """In each worker, first: die with the parent, and leave signals to the parent.
+
+    A worker whose parent is gone (killed, even by SIGKILL) would wait for tasks for ever and
+    keep its shared-memory segments mapped: on Linux the kernel kills it when the parent dies
+    (`PR_SET_PDEATHSIG`), elsewhere a thread polls the parent's pid. A forked worker inherits
+    the parent's Python handlers: SIGTERM gets its default action back (the parent ends the
+    workers with it), and SIGINT and SIGHUP are ignored: Ctrl-C and a hang-up reach the whole
+    process group, and the parent ends the workers itself.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.SIG_IGN)
+    watched = False
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            watched = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    if os.getppid() != parent:  # the parent died before the watch was set
+        os._exit(1)
+    if not watched:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _end_processes(processes: set[multiprocessing.process.BaseProcess]) -> None:
+    """SIGTERM, then SIGKILL what is still there after a few seconds; reap them all."""
+    for process in processes:
+        with contextlib.suppress(OSError):
+            process.terminate()
+    deadline = time.monotonic() + 5.0
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 # -- assembling and writing cubes ---------------------------------------------------------------
@@ -529,6 +647,9 @@ class CubeStore:
         except OSError as e:
             partial.unlink(missing_ok=True)
             raise PrechipError(f"cannot write {target}: {e.strerror}") from e
+        except BaseException:  # stopped (a signal) or failed mid-write: no half file stays
+            partial.unlink(missing_ok=True)
+            raise
         return str(target)
 
     def _upload(self, path: Path, name: str) -> None:
@@ -585,6 +706,7 @@ class PrechipSummary:
         return text
 
 
+@stops_cleanly
 def export_cubes(
     selection: ChipSelection,
     out: str,

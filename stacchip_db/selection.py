@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -30,6 +30,7 @@ from psycopg import sql
 from shapely.errors import GEOSException
 from shapely.geometry import shape
 
+from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
 from stacchip_db.errors import StacchipError
 
 CHIP_COLUMNS = (
@@ -275,43 +276,92 @@ def build_selection(
     )
 
 
+BATCH_ROWS = 10_000
+"""Rows `stream_chips` fetches per round trip (and yields per batch)."""
+
+CHIP_SCHEMA = pa.schema(
+    [
+        pa.field("chip_id", pa.string()),
+        pa.field("collection", pa.string()),
+        pa.field("item_id", pa.string()),
+        pa.field("chip_size", pa.int32()),
+        pa.field("chip_index_x", pa.int32()),
+        pa.field("chip_index_y", pa.int32()),
+        pa.field("datetime", pa.timestamp("us", tz="UTC")),
+        pa.field("cloud_fraction", pa.float32()),
+        pa.field("nodata_fraction", pa.float32()),
+        pa.field("geometry", pa.binary()),
+    ]
+)
+"""Arrow types of `CHIP_COLUMNS`; `geometry` is ISO WKB (EPSG:4326)."""
+
+
+def _session_settings(conn: psycopg.Connection, selection: SelectionQuery) -> None:
+    """`SET LOCAL`s of a selection's transaction.
+
+    Filters and unstratified samples run without parallel workers: they read a few thousand
+    index-chosen rows, and starting workers costs more than the whole scan (bbox + date + cloud
+    at 10 M chips: ~5 ms alone, 20-90 ms with workers on a busy 2-core machine). Stratified
+    samples keep them: by cell they rank every matching chip. Readers give up a lock wait
+    after `READ_LOCK_TIMEOUT_S` (a bulk load holds the table for minutes).
+    """
+    if selection.params.get("stratify_by") is None:
+        conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+    set_lock_timeout(conn, READ_LOCK_TIMEOUT_S)
+
+
 def execute_selection(conn: psycopg.Connection, selection: SelectionQuery) -> psycopg.Cursor:
     """Run the selection; the caller fetches (the rows are on the client when this returns).
 
     Never a prepared statement: its generic plan would not see which filters are unset (they
-    fold away only with the values known). Filters and unstratified samples run without
-    parallel workers: they read a few thousand index-chosen rows, and starting workers cost
-    more than the whole scan (bbox + date + cloud at 10 M chips: ~5 ms alone, 20-90 ms with
-    workers on a busy 2-core machine). Stratified samples keep parallel workers: by cell they
-    rank every matching chip. The setting is `SET LOCAL`: it lasts until the caller's
-    transaction ends.
+    fold away only with the values known). The settings (`_session_settings`) are `SET
+    LOCAL`: they last until the caller's transaction ends. A lock wait that runs out raises
+    `TableLocked`.
     """
-    stratified = selection.params.get("stratify_by") is not None
-    with conn.transaction():
-        if not stratified:
-            conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+    with lock_waits(conn, "selecting chips"), conn.transaction():
+        _session_settings(conn, selection)
         return conn.execute(selection.query, selection.params, prepare=False)
 
 
-def fetch_chips(conn: psycopg.Connection, selection: SelectionQuery) -> pa.Table:
-    """The selected chips as an Arrow table; `geometry` is ISO WKB (EPSG:4326)."""
-    rows = execute_selection(conn, selection).fetchall()
-    columns = list(zip(*rows, strict=True)) if rows else [()] * len(CHIP_COLUMNS)
+def stream_chips(
+    conn: psycopg.Connection,
+    selection: SelectionQuery,
+    *,
+    batch_rows: int = BATCH_ROWS,
+) -> Iterator[pa.RecordBatch]:
+    """The selected chips as Arrow record batches (`CHIP_SCHEMA`) of at most `batch_rows`,
+    in the selection's order, through a server-side cursor: memory does not grow with the
+    number of chips.
+
+    The rows are read in one transaction (a snapshot) that stays open until the iterator is
+    exhausted or closed. A lock wait that runs out raises `TableLocked`.
+    """
+    if batch_rows < 1:
+        raise SelectionError(f"batch_rows {batch_rows} is not a positive number of rows")
+    with lock_waits(conn, "selecting chips"), conn.transaction():
+        _session_settings(conn, selection)
+        # A cursor is planned for its first tenth by default (a fast start at the price of
+        # the whole); every row is read here, so plan for all of them, as a plain query is.
+        conn.execute("SET LOCAL cursor_tuple_fraction = 1.0")
+        with conn.cursor(name="stacchip_selection") as cursor:
+            cursor.execute(selection.query, selection.params)
+            while rows := cursor.fetchmany(batch_rows):
+                yield _chip_batch(rows)
+
+
+def _chip_batch(rows: list[tuple[Any, ...]]) -> pa.RecordBatch:
+    columns = list(zip(*rows, strict=True))
+    # the server sends PostGIS's hex EWKB (with SRID); files get plain ISO WKB
     wkb = shapely.to_wkb(shapely.from_wkb(list(columns[-1])), flavor="iso", include_srid=False)
-    return pa.table(
-        {
-            "chip_id": pa.array(columns[0], pa.string()),
-            "collection": pa.array(columns[1], pa.string()),
-            "item_id": pa.array(columns[2], pa.string()),
-            "chip_size": pa.array(columns[3], pa.int32()),
-            "chip_index_x": pa.array(columns[4], pa.int32()),
-            "chip_index_y": pa.array(columns[5], pa.int32()),
-            "datetime": pa.array(columns[6], pa.timestamp("us", tz="UTC")),
-            "cloud_fraction": pa.array(columns[7], pa.float32()),
-            "nodata_fraction": pa.array(columns[8], pa.float32()),
-            "geometry": pa.array(list(wkb), pa.binary()),
-        }
-    )
+    arrays = [pa.array(values, field.type) for values, field in
+              zip([*columns[:-1], list(wkb)], CHIP_SCHEMA, strict=True)]
+    return pa.RecordBatch.from_arrays(arrays, schema=CHIP_SCHEMA)
+
+
+def fetch_chips(conn: psycopg.Connection, selection: SelectionQuery) -> pa.Table:
+    """The selected chips as one in-memory Arrow table (`CHIP_SCHEMA`), for small selections;
+    large ones: `stream_chips`."""
+    return pa.Table.from_batches(list(stream_chips(conn, selection)), schema=CHIP_SCHEMA)
 
 
 # -- why a selection is empty -----------------------------------------------------------------

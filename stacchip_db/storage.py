@@ -251,7 +251,7 @@ def _copy_to_file(source: str, destination: Path, requester_pays: bool) -> None:
         else:
             shutil.copyfile(source, tmp)
 
-    _write_atomically(destination, fill)
+    write_atomically(destination, fill)
 
 
 @contextmanager
@@ -273,7 +273,7 @@ def _http_stream(url: str) -> Iterator[requests.Response]:
             raise StorageError(f"reading {url} failed part-way: {exc}") from exc
 
 
-def _write_atomically(destination: Path, fill: Callable[[Path], object]) -> None:
+def write_atomically(destination: Path, fill: Callable[[Path], object]) -> None:
     """Call `fill(tmp_path)` on a temporary file beside `destination`, then rename it over."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(
@@ -304,7 +304,7 @@ def write_text(url: str, text: str, *, content_type: str = "application/json") -
         return
     if is_http(url):
         raise StorageError(f"cannot write to {url}: targets are local directories or s3:// URLs")
-    _write_atomically(Path(url), lambda tmp: tmp.write_bytes(data))
+    write_atomically(Path(url), lambda tmp: tmp.write_bytes(data))
 
 
 def read_text(url: str, *, requester_pays: bool = False) -> str:

@@ -330,3 +330,36 @@ def item_from_arrays(
         "links": [],
         "assets": item_assets,
     }
+
+
+# -- many chip rows, made by the database itself -----------------------------------------------
+
+_FILL_CHIPS = """
+INSERT INTO stacchip.chips (collection, item_id, chip_size, chip_index_x, chip_index_y,
+                            datetime, cloud_fraction, nodata_fraction, geometry)
+SELECT %(collection)s, 'synthetic_' || k, %(chip_size)s, x, y,
+       timestamptz '2018-01-01 10:30Z' + k * interval '1 day',
+       ((g * 7919) %% 1000) / 1000.0, ((g * 104729) %% 7) / 10.0,
+       ST_MakeEnvelope(lon + x * 0.01, lat - (y + 1) * 0.01, lon + (x + 1) * 0.01,
+                       lat - y * 0.01, 4326)
+FROM generate_series(0::bigint, %(n)s - 1) AS g,
+     LATERAL (SELECT (g / 10000)::int AS k, ((g %% 10000) %% 100)::int AS x,
+                     ((g %% 10000) / 100)::int AS y) AS c,
+     LATERAL (SELECT -180 + (k %% 360) AS lon, 80 - (k / 360) %% 160 AS lat) AS p
+"""
+
+
+def fill_chips(
+    conn: Any, n: int, *, collection: str = "synthetic", chip_size: int = 256
+) -> int:
+    """Insert `n` rows into `stacchip.chips` (no pgstac items), made by the server in one
+    statement: items `synthetic_{k}` of 100 x 100 chips of 0.01° on a 1° grid from 180°W 80°N,
+    one day apart from 2018-01-01, cloud and nodata fractions spread by hashing the row number.
+
+    For tests and benchmarks that need many chips fast (selection, streaming, memory); the
+    caller commits. Returns `n`.
+    """
+    if n < 0:
+        raise ValueError(f"n {n} is negative")
+    conn.execute(_FILL_CHIPS, {"n": n, "collection": collection, "chip_size": chip_size})
+    return n

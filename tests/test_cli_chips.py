@@ -5,14 +5,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import geopandas
 import psycopg
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import error_line, run_cli
+from stacchip_db.chip_formats import write_chips
+from stacchip_db.selection import ChipFilter, build_selection, stream_chips
+from stacchip_db.synthetic import fill_chips
+from tests.conftest import REPO, error_line, run_cli
 from tests.test_selection import CHIPS, store_chips
 
 
@@ -270,3 +278,92 @@ def test_an_empty_time_range_quotes_what_was_typed(
     assert result.exit_code == 2, result.output
     assert "T00:00:00" not in result.stderr  # never the internal exclusive bound
     assert quoted in result.stderr, result.stderr
+# -- streaming: memory does not grow with the selection ----------------------------------------
+
+LARGE = 200_000
+
+
+# The CLI in a process of its own that writes its peak RSS (VmHWM of /proc/self/status, in
+# KiB) to argv[1] at exit. Not wait4's ru_maxrss: that also counts the parent's memory, which a
+# child forked (or vforked) from pytest starts with before it execs.
+_MEASURED_CLI = """
+import atexit, runpy, sys
+def report(path=sys.argv[1]):
+    with open('/proc/self/status') as status, open(path, 'w') as out:
+        out.write(next(line for line in status if line.startswith('VmHWM')).split()[1])
+atexit.register(report)
+sys.argv = ['stacchip-db', *sys.argv[2:]]
+runpy.run_module('stacchip_db.cli', run_name='__main__')
+"""
+
+
+def _peak_rss(args: list[str], database_url: str, tmp_path: Path) -> float:
+    """Run the CLI in its own process; its peak RSS in MiB."""
+    env = {**os.environ, "STACCHIP_DATABASE_URL": database_url}
+    report = tmp_path / "vmhwm.txt"
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURED_CLI, str(report), *args],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return int(report.read_text()) / 1024
+
+
+@pytest.fixture(scope="module")
+def large_url(pg_server: Any, template_database: str) -> Iterator[str]:
+    """A database with LARGE synthetic chips (made by the server: generate_series)."""
+    name = pg_server.new_name("stream")
+    url = pg_server.create(name, template=template_database)
+    with psycopg.connect(url) as conn:
+        fill_chips(conn, LARGE)
+    yield url
+    pg_server.drop(name)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("output_format", ["geojson", "csv"])
+def test_chips_memory_does_not_grow_with_the_selection(
+    large_url: str, tmp_path: Path, output_format: str
+) -> None:
+    out = tmp_path / f"chips.{output_format}"
+    args = ["-q", "chips", "--format", output_format, "-o", str(out)]
+    # Both runs read many batches (BATCH_ROWS each), so the fixed costs (imports, one batch
+    # in flight) are the same; only holding the rows would make the larger one bigger.
+    medium = _peak_rss([*args, "--limit", str(LARGE // 4)], large_url, tmp_path)
+    medium_size = out.stat().st_size
+    large = _peak_rss(args, large_url, tmp_path)
+    with out.open() as stream:
+        assert sum(1 for _ in stream) >= LARGE
+    extra_text = (out.stat().st_size - medium_size) / 2**20
+    # Held in memory, the 150,000 extra chips would cost far more than their text (the old
+    # code: ~2 KiB a chip, ~290 MiB); streamed they cost nothing.
+    assert large - medium < 30, (medium, large, extra_text)
+
+
+def test_parquet_is_written_by_row_groups(chips_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "chips.parquet"
+    selection = build_selection(ChipFilter())
+    with psycopg.connect(chips_url) as conn:
+        written = write_chips(stream_chips(conn, selection, batch_rows=4), "parquet", out)
+    metadata = pq.ParquetFile(out).metadata
+    assert written == metadata.num_rows == len(CHIPS)
+    assert metadata.num_row_groups == -(-len(CHIPS) // 4)
+    frame = geopandas.read_parquet(out)
+    assert frame.crs.to_epsg() == 4326
+    assert sorted(frame["chip_id"]) == sorted(c.chip_id for c in CHIPS)
+    assert not list(tmp_path.glob(".chips.parquet.*"))  # no temporary file left beside it
+
+
+def test_a_failed_run_leaves_no_file(chips_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "chips.geojson"
+    out.write_text("earlier result\n")
+
+    def failing() -> Iterator[Any]:
+        with psycopg.connect(chips_url) as conn:
+            yield from stream_chips(conn, build_selection(ChipFilter()), batch_rows=2)
+        raise RuntimeError("the database went away")
+
+    with pytest.raises(RuntimeError):
+        write_chips(failing(), "geojson", out)
+    assert out.read_text() == "earlier result\n"
+    assert list(tmp_path.iterdir()) == [out]

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +25,7 @@ from rasterio.windows import Window
 
 from stacchip_db.db.connection import connect
 from stacchip_db.sensors import SENSORS
-from tests.conftest import error_line, run_cli, store_indexed
+from tests.conftest import REPO, error_line, run_cli, store_indexed
 
 S2_BANDS = list(SENSORS["sentinel-2-l2a"].bands)
 CHIP = 64  # 1098 px scene (scale 10): a 17 x 17 grid; 20 m bands read as 32 px windows
@@ -327,3 +334,113 @@ def test_cubes_to_s3_and_filter_options(
                 database_url=database_url)
     )  # fmt: skip
     assert "either --query" in line
+
+
+# -- stopping: signals and a dead parent leave nothing behind ----------------------------------
+
+
+def _children(pid: int) -> set[int]:
+    """Pids of the processes whose parent is `pid` (workers, resource tracker)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _segments(pid: int) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(f"stacchip-{pid}-*"))
+
+
+def _start_export(database_url: str, out: Path) -> subprocess.Popen[str]:
+    """`prechip --jobs 2` over every chip in 8-chip cubes: hundreds of cubes, seconds of work."""
+    env = {**os.environ, "STACCHIP_DATABASE_URL": database_url}
+    return subprocess.Popen(
+        [sys.executable, "-m", "stacchip_db.cli", "-q", "prechip", "--query", ALL, "--out",
+         str(out), "--cube-size", "8", "--jobs", "2"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@contextlib.contextmanager
+def _reaped(proc: subprocess.Popen[str], pids: set[int]) -> Iterator[None]:
+    """Whatever the assertions say, kill what is left of the export (a failing test must not
+    leave blocked workers and their shared memory behind) and reap it."""
+    try:
+        yield
+    finally:
+        for pid in [proc.pid, *pids]:
+            if _alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        for segment in _segments(proc.pid):
+            Path("/dev/shm", segment).unlink(missing_ok=True)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=10)
+
+
+def _caught_mid_run(proc: subprocess.Popen[str]) -> set[int]:
+    """Wait until the export reads into shared memory with its workers up; their pids."""
+    deadline = time.monotonic() + 120
+    while not (_segments(proc.pid) and len(_children(proc.pid)) >= 2):
+        assert proc.poll() is None, f"the export ended before it was caught: {proc.stderr}"
+        assert time.monotonic() < deadline, "the export never started reading"
+        time.sleep(0.01)
+    return _children(proc.pid)
+
+
+def _gone(pids: set[int], pid: int, seconds: float = 15) -> tuple[set[int], list[str]]:
+    """Wait up to `seconds` for `pids` to end and `pid`'s segments to go; what is left."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = {p for p in pids if _alive(p)}
+        if not alive and not _segments(pid):
+            break
+        time.sleep(0.05)
+    return {p for p in pids if _alive(p)}, _segments(pid)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_export_leaves_no_worker_segment_or_partial_file(
+    database_url: str, s2_items: list[dict], tmp_path: Path, signum: int
+) -> None:
+    store_indexed(database_url, s2_items, chip_size=32)
+    out = tmp_path / "cubes"
+    proc = _start_export(database_url, out)
+    workers = _caught_mid_run(proc)
+    with _reaped(proc, workers):
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+        stderr = proc.stderr.read() if proc.stderr else ""
+        assert proc.returncode == 1
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "stopped by " + signal.Signals(signum).name in lines[0], stderr
+        assert _gone(workers, proc.pid) == (set(), [])
+        assert not list(out.rglob("*.partial"))
+        assert not list(out.rglob("manifest*.parquet"))  # an unfinished export has no manifest
+
+
+@pytest.mark.timeout(300)
+def test_workers_end_when_the_export_is_killed(
+    database_url: str, s2_items: list[dict], tmp_path: Path
+) -> None:
+    store_indexed(database_url, s2_items, chip_size=32)
+    proc = _start_export(database_url, tmp_path / "cubes")
+    workers = _caught_mid_run(proc)
+    with _reaped(proc, workers):
+        proc.kill()  # SIGKILL: nothing runs in the parent
+        proc.wait(timeout=60)
+        # the kernel ends the workers (PR_SET_PDEATHSIG); Python's resource tracker, whose
+        # pipe they held open too, then unlinks the segments the parent registered
+        assert _gone(workers, proc.pid) == (set(), [])

@@ -35,6 +35,7 @@ from stacchip_db.db.store import (
 from stacchip_db.errors import DatabaseError
 from stacchip_db.index import index_item, item_datetime
 from stacchip_db.synthetic import synthesize_item
+from tests.conftest import error_line, run_cli
 
 S2 = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 LANDSAT = "landsat-c2l2-sr-LC09_L2SR_086107_20240311_20240312_02_T2_SR.json"
@@ -607,14 +608,10 @@ def test_bulk_copy_data_with_mixed_lengths_keeps_key_order() -> None:
     assert all(f[8] == wkb[(k[1], k[2])] for f, k in zip(decoded, keys, strict=True))
 
 
-@pytest.mark.timeout(120)
-def test_a_normal_writer_waits_for_the_bulk_load_then_succeeds(
-    database_url: str, fixtures_dir: Path
-) -> None:
-    pairs = _naip_pairs(fixtures_dir, 6)
-    with connect(database_url, autocommit=True) as conn:
-        # Slow the bulk load's COPY down (a statement trigger that sleeps on request only),
-        # so the writer surely arrives while the table is locked.
+def _slow_inserts(url: str) -> None:
+    """Slow the bulk load's COPY down (a statement trigger that sleeps `test.sleep` seconds,
+    on request only), so that other sessions surely arrive while the table is locked."""
+    with connect(url, autocommit=True) as conn:
         conn.execute(
             "CREATE FUNCTION public.test_sleep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
             "PERFORM pg_sleep(coalesce(nullif(current_setting('test.sleep', true), ''), '0')"
@@ -622,6 +619,22 @@ def test_a_normal_writer_waits_for_the_bulk_load_then_succeeds(
         )
         conn.execute("CREATE TRIGGER test_sleep BEFORE INSERT ON stacchip.chips "
                      "FOR EACH STATEMENT EXECUTE FUNCTION public.test_sleep()")
+
+
+def _holds_exclusive_lock(url: str, pid: int) -> bool:
+    with connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE pid = %s AND granted AND "
+            "relation = 'stacchip.chips'::regclass AND mode = 'AccessExclusiveLock'", (pid,)
+        ).fetchone()[0] > 0
+
+
+@pytest.mark.timeout(120)
+def test_a_normal_writer_waits_for_the_bulk_load_then_succeeds(
+    database_url: str, fixtures_dir: Path
+) -> None:
+    pairs = _naip_pairs(fixtures_dir, 6)
+    _slow_inserts(database_url)
     outcome: dict[str, Any] = {}
 
     def run(name: str, work: Any) -> None:
@@ -677,3 +690,90 @@ def test_a_normal_writer_waits_for_the_bulk_load_then_succeeds(
     assert outcome["bulk done"] <= outcome["writer done"]
     expected = sum(chips.num_rows for _, chips in pairs)
     assert _counts(database_url) == (expected, expected, 6)
+
+
+def _into(outcome: dict[str, Any], work: Any) -> None:
+    """Thread target: `work()`'s result (or exception) as `outcome["bulk"]`."""
+    try:
+        outcome["bulk"] = work()
+    except BaseException as e:  # reported by the test's assertions
+        outcome["bulk"] = e
+
+
+@pytest.mark.timeout(120)
+def test_readers_give_up_at_once_behind_a_bulk_load_naming_it(
+    database_url: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    pairs = _naip_pairs(fixtures_dir, 3)
+    _slow_inserts(database_url)
+    bulk_conn = connect(database_url)
+    bulk_conn.execute("SET test.sleep = '30'")
+    bulk_conn.commit()
+    bulk_pid = bulk_conn.info.backend_pid
+    outcome: dict[str, Any] = {}
+    bulk = threading.Thread(target=_into, args=(outcome, lambda: bulk_load(
+        bulk_conn, pairs, chip_size=1024)))
+    bulk.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not _holds_exclusive_lock(database_url, bulk_pid):
+            assert time.monotonic() < deadline and bulk.is_alive(), outcome
+            time.sleep(0.02)
+        started = time.monotonic()
+        listed = run_cli(["chips", "--format", "csv"], database_url=database_url)
+        exported = run_cli(["prechip", "--query", "SELECT * FROM stacchip.chips", "--out",
+                            str(tmp_path / "cubes")], database_url=database_url)
+        waited = time.monotonic() - started
+        with connect(database_url) as conn:
+            empty = chips_table_is_empty(conn)
+        assert bulk.is_alive()  # all of that while the bulk load held the table
+    finally:
+        with connect(database_url, autocommit=True) as admin:  # end the sleep: no 30 s wait
+            admin.execute("SELECT pg_cancel_backend(%s)", (bulk_pid,))
+        bulk.join(60)
+        bulk_conn.close()
+    for result, what in ((listed, "selecting chips"), (exported, "reading the selected chips")):
+        line = error_line(result)
+        assert line.startswith(f"Error: {what}: stacchip.chips is locked by a bulk load "
+                               f"(index --bulk, pid {bulk_pid}"), line
+        assert line.endswith("try again when it ends"), line
+    assert waited < 20  # two lock timeouts of 2 s and two process starts, not the load's 30 s
+    assert empty is False  # a table being bulk-loaded is not empty: index takes the normal path
+
+
+@pytest.mark.timeout(120)
+def test_a_bulk_load_waiting_for_a_reader_does_not_hold_up_other_readers(
+    database_url: str, fixtures_dir: Path
+) -> None:
+    pairs = _naip_pairs(fixtures_dir, 3)
+    store_items(connect(database_url, autocommit=True), pairs[:1], chip_size=1024)
+    reader = connect(database_url)
+    reader.execute("SELECT count(*) FROM stacchip.chips")  # holds ACCESS SHARE until commit
+    bulk_conn = connect(database_url)
+    bulk_pid = bulk_conn.info.backend_pid
+    outcome: dict[str, Any] = {}
+    bulk = threading.Thread(target=_into, args=(outcome, lambda: bulk_load(
+        bulk_conn, pairs, chip_size=1024)))
+    bulk.start()
+    try:
+        with connect(database_url, autocommit=True) as watcher:
+            deadline = time.monotonic() + 60
+            while not watcher.execute(  # the bulk load has asked for the table lock
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND query LIKE 'LOCK %%'",
+                (bulk_pid,),
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline and bulk.is_alive(), outcome
+                time.sleep(0.02)
+        # a new reader gets through (it would queue behind a plain waiting LOCK TABLE)
+        listed = run_cli(["chips", "--format", "csv"], database_url=database_url)
+        assert listed.exit_code == 0, listed.output
+        assert len(listed.stdout.splitlines()) == 1 + pairs[0][1].num_rows
+        assert bulk.is_alive()  # still waiting for the first reader
+    finally:
+        reader.commit()
+        reader.close()
+        bulk.join(60)
+        bulk_conn.close()
+    assert outcome["bulk"].items == 3
+    expected = sum(chips.num_rows for _, chips in pairs)
+    assert _counts(database_url) == (expected, expected, 3)

@@ -1,23 +1,20 @@
 """`stacchip-db chips` and `stacchip-db sample`: list the chips a selection picks, in any format.
 
-Both run one call of the SQL selection functions (`stacchip_db.selection`); `--sql` prints that
-call with its values inlined instead, to paste into psql or QGIS.
+Both run one call of the SQL selection functions (`stacchip_db.selection`) and stream its rows
+into the output (`stacchip_db.chip_formats`); `--sql` prints that call with its values inlined
+instead, to paste into psql or QGIS.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import click
-import pyarrow as pa
-import shapely
 
+from stacchip_db.chip_formats import FORMATS, write_chips
 from stacchip_db.cli.options import with_database
 from stacchip_db.cli.selection_options import filter_options, sample_options, warn_empty
 from stacchip_db.db import Database, translate_errors
@@ -26,15 +23,10 @@ from stacchip_db.selection import (
     Sampling,
     SelectionQuery,
     build_selection,
-    fetch_chips,
+    stream_chips,
 )
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("table", "csv", "geojson", "parquet")
-# Columns the table format shows (the footprint is left to the file formats).
-TABLE_COLUMNS = ("chip_id", "collection", "chip_size", "datetime", "cloud_fraction",
-                 "nodata_fraction")
 
 
 def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -74,21 +66,13 @@ def _run(
     if output_format == "parquet" and output is None:
         raise click.BadParameter("parquet is binary: give --output FILE", param_hint="--format")
     with db.connect() as conn, translate_errors("selecting chips"):
-        conn.execute("SET TRANSACTION READ ONLY")
-        table = fetch_chips(conn, selection)
-        if table.num_rows == 0:
+        conn.read_only = True
+        # streamed: one batch of rows is in memory at a time, whatever the selection's size
+        count = write_chips(stream_chips(conn, selection), output_format, output)
+        if count == 0:
             warn_empty(conn, selection)
-    if output_format == "parquet":
-        _to_geodataframe(table).to_parquet(output, index=False)
-    else:
-        writer = {"table": _write_table, "csv": _write_csv, "geojson": _write_geojson}
-        if output is None:
-            writer[output_format](table, sys.stdout)
-        else:
-            with output.open("w", newline="", encoding="utf-8") as stream:
-                writer[output_format](table, stream)
     where = f" to {output}" if output else ""
-    log.info("%d chips%s", table.num_rows, where)
+    log.info("%d chips%s", count, where)
 
 
 @click.command()
@@ -128,66 +112,3 @@ def sample(
     """
     selection = build_selection(chip_filter, sampling, limit=limit)
     _run(db, selection, output_format, output, print_sql)
-
-
-# -- writers ----------------------------------------------------------------------------------
-
-
-def _text(value: Any) -> str:
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-def _write_table(table: pa.Table, stream: TextIO) -> None:
-    rows = [[_text(v) for v in row] for row in zip(
-        *(table.column(name).to_pylist() for name in TABLE_COLUMNS), strict=True
-    )] if table.num_rows else []
-    widths = [max([len(name), *(len(row[i]) for row in rows)])
-              for i, name in enumerate(TABLE_COLUMNS)]
-    stream.write("  ".join(n.ljust(w) for n, w in zip(TABLE_COLUMNS, widths, strict=True)).rstrip())
-    stream.write("\n")
-    for row in rows:
-        stream.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-        stream.write("\n")
-
-
-def _write_csv(table: pa.Table, stream: TextIO) -> None:
-    writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(table.column_names)
-    wkt = shapely.to_wkt(shapely.from_wkb(table.column("geometry").to_pylist()),
-                         rounding_precision=-1)
-    columns = [table.column(name).to_pylist() for name in table.column_names[:-1]]
-    for *values, geometry in zip(*columns, wkt, strict=True):
-        writer.writerow([v.isoformat() if hasattr(v, "isoformat") else v for v in values]
-                        + [geometry])
-
-
-def _write_geojson(table: pa.Table, stream: TextIO) -> None:
-    geometries = shapely.from_wkb(table.column("geometry").to_pylist())
-    names = table.column_names[:-1]
-    columns = [table.column(name).to_pylist() for name in names]
-    features = [
-        {
-            "type": "Feature",
-            "id": values[0],
-            "properties": {
-                name: value.isoformat() if hasattr(value, "isoformat") else value
-                for name, value in zip(names, values, strict=True)
-            },
-            "geometry": json.loads(shapely.to_geojson(geometry)),
-        }
-        for *values, geometry in zip(*columns, geometries, strict=True)
-    ]
-    json.dump({"type": "FeatureCollection", "features": features}, stream)
-    stream.write("\n")
-
-
-def _to_geodataframe(table: pa.Table) -> Any:
-    import geopandas  # only for parquet: it costs a second of import time
-
-    frame = table.drop_columns(["geometry"]).to_pandas()
-    geometry = geopandas.GeoSeries.from_wkb(table.column("geometry").to_pylist(), crs=4326)
-    return geopandas.GeoDataFrame(frame, geometry=geometry)

@@ -51,6 +51,13 @@ import pyarrow as pa
 from psycopg import pq
 
 from stacchip_db.db.connection import translate_errors
+from stacchip_db.db.locks import (
+    BULK_APPLICATION,
+    CHIPS_TABLE,
+    READ_LOCK_TIMEOUT_S,
+    holder_of,
+    set_lock_timeout,
+)
 from stacchip_db.errors import DatabaseError, DatabaseUnavailable, StacchipError
 from stacchip_db.index import item_datetime
 from stacchip_db.paths import UnsafeName, check_name
@@ -817,9 +824,12 @@ class ItemWriter:
 
 # -- bulk load --------------------------------------------------------------------------------
 
-CHIPS_TABLE = "stacchip.chips"
 BULK_MAINTENANCE_WORK_MEM = "1GB"
 """`maintenance_work_mem` of the bulk load's transaction (index builds sort in memory)."""
+BULK_LOCK_ATTEMPT_S = 1.0
+"""How long one attempt of the bulk load to lock stacchip.chips waits (see `_lock_exclusively`)."""
+BULK_LOCK_PAUSE_S = 0.2
+"""The pause between two such attempts, in which the sessions queued behind it go on."""
 
 _BULK_COLUMNS = (
     "collection", "item_id", "chip_size", "chip_index_x", "chip_index_y", "datetime",
@@ -1044,8 +1054,11 @@ def bulk_load(
     costs several times more than building them after the rows are in. In ONE transaction:
 
     1. the items' advisory locks (as `store_items`), pgstac `upsert_items` in batches;
-    2. `LOCK TABLE stacchip.chips IN ACCESS EXCLUSIVE MODE`: until the commit, every other
-       reader and writer of stacchip.chips waits (normal writers then go on as usual);
+    2. `LOCK TABLE stacchip.chips IN ACCESS EXCLUSIVE MODE`, asked for in short attempts so
+       that the request never holds up other sessions while it waits (`_lock_exclusively`);
+       until the commit, normal writers of stacchip.chips wait (then go on as usual) and
+       readers give up after `locks.READ_LOCK_TIMEOUT_S`, naming the bulk load (its
+       transaction's `application_name` is `locks.BULK_APPLICATION`);
     3. the existing chip rows of the items at `chip_size` are deleted (one DELETE through a
        temp table of keys, while the indexes still exist);
     4. the table's indexes and its key/unique/exclusion constraints are read from the catalog
@@ -1093,7 +1106,9 @@ def bulk_load(
                 return result
             parts, rows = _bulk_copy_parts(prepared, chip_size)
             clock = time.perf_counter()
-            conn.execute(f"LOCK TABLE {CHIPS_TABLE} IN ACCESS EXCLUSIVE MODE")
+            # for this transaction only: readers that give up waiting name the bulk load
+            conn.execute("SELECT set_config('application_name', %s, true)", (BULK_APPLICATION,))
+            _lock_exclusively(conn, CHIPS_TABLE)
             timings["lock"] = time.perf_counter() - clock
             clock = time.perf_counter()
             _delete_items(conn, prepared, chip_size)
@@ -1123,6 +1138,31 @@ def bulk_load(
     return result
 
 
+def _lock_exclusively(conn: psycopg.Connection, table: str) -> None:
+    """`LOCK TABLE … IN ACCESS EXCLUSIVE MODE`, asked for in short attempts.
+
+    While a lock request waits (for a long read to end, say), every later reader and writer
+    of the table queues behind it, even though nobody holds the table yet. So each attempt
+    gives up after `BULK_LOCK_ATTEMPT_S` (a savepoint: the rest of the transaction stays),
+    steps aside for a moment to let the queue through, and asks again, until it is granted.
+    """
+    previous = conn.execute("SELECT current_setting('lock_timeout')").fetchone()[0]
+    attempts = 0
+    while True:
+        try:
+            with conn.transaction():
+                set_lock_timeout(conn, BULK_LOCK_ATTEMPT_S)
+                conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            break
+        except psycopg.errors.LockNotAvailable:
+            attempts += 1
+            if attempts == 1:
+                log.info("bulk load: waiting for %s to end (it uses %s)",
+                         holder_of(conn, table) or "another session", table)
+            time.sleep(BULK_LOCK_PAUSE_S)
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", (previous,))
+
+
 def _delete_items(conn: psycopg.Connection, prepared: Sequence[_Prepared], chip_size: int) -> None:
     """Delete the chip rows of `prepared` at `chip_size`: one DELETE joined to a temp table."""
     conn.execute(
@@ -1139,6 +1179,17 @@ def _delete_items(conn: psycopg.Connection, prepared: Sequence[_Prepared], chip_
 
 
 def chips_table_is_empty(conn: psycopg.Connection) -> bool:
-    """Whether `stacchip.chips` has no rows (one index-free probe; commits nothing)."""
-    with conn.transaction():
-        return conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {CHIPS_TABLE})").fetchone()[0]
+    """Whether `stacchip.chips` has no rows (one index-free probe; commits nothing).
+
+    False also when another session holds the table exclusively for longer than
+    `READ_LOCK_TIMEOUT_S` (a bulk load filling it): it is not empty for long, and the
+    normal path the caller then takes waits for that load and goes on after it.
+    """
+    try:
+        with conn.transaction():
+            set_lock_timeout(conn, READ_LOCK_TIMEOUT_S)
+            return conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {CHIPS_TABLE})").fetchone()[0]
+    except psycopg.errors.LockNotAvailable:
+        log.info("%s is locked by %s: taken as not empty (the normal path waits for it)",
+                 CHIPS_TABLE, holder_of(conn) or "another session")
+        return False

@@ -35,6 +35,7 @@ from psycopg.conninfo import make_conninfo
 
 from stacchip_db.config import QUERY_DATABASE_URL_ENV, mask_url
 from stacchip_db.db.connection import _first_line, connect
+from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, set_lock_timeout
 from stacchip_db.errors import DatabaseError, DatabaseUnavailable, StacchipError
 
 RECANCEL_S = 0.25
@@ -247,6 +248,9 @@ def user_query(
             "set_config('search_path', 'pgstac, public', true)",
             (f"{max(1, round(timeout_s * 1000))}ms",),
         )
+        # Behind a bulk load the query would wait in silence: give up soon, and the caller's
+        # `locks.lock_waits` names who holds the table.
+        set_lock_timeout(conn, READ_LOCK_TIMEOUT_S)
         with deadline:
             try:
                 cursor = conn.cursor(name=CURSOR)

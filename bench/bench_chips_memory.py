@@ -1,0 +1,113 @@
+"""Peak RSS of `stacchip-db chips --format geojson` and `--format csv` over ~438k chips.
+
+The database is the default durable configuration: an embedded cluster started by
+`stacchip-db db start` under a temporary STACCHIP_HOME (fsync on), `db init`, then N synthetic
+chips made by the server (`synthetic.fill_chips`: generate_series, no files). Each run is a
+fresh `stacchip-db -q chips --format F` process writing to standard output (sent to
+/dev/null, so the disk holds only the database, ~0.3 GB); its peak RSS is the VmHWM of
+/proc/self/status read at exit (wait4's ru_maxrss would also count this script's memory, which
+a child starts from before it execs). Prints the median of --repeat runs per format.
+
+    .venv/bin/python bench/bench_chips_memory.py --chips 438000 --repeat 3
+    .venv/bin/python bench/bench_chips_memory.py --code /path/to/other/checkout   # compare
+
+Goal (issue 10): geojson < 300 MB (before streaming: 1.56 GB geojson, 917 MB csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs the CLI in this process and writes its peak RSS (KiB) to argv[1] at exit.
+_MEASURED_CLI = """
+import atexit, runpy, sys
+def report(path=sys.argv[1]):
+    with open('/proc/self/status') as status, open(path, 'w') as out:
+        out.write(next(line for line in status if line.startswith('VmHWM')).split()[1])
+atexit.register(report)
+sys.argv = ['stacchip-db', *sys.argv[2:]]
+runpy.run_module('stacchip_db.cli', run_name='__main__')
+"""
+
+
+def _env(home: Path, code: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STACCHIP_")}
+    env["STACCHIP_HOME"] = str(home)
+    env["PYTHONPATH"] = str(code)
+    return env
+
+
+def _cli(env: dict[str, str], *args: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "stacchip_db.cli", "-q", *args],
+        env=env, check=True, capture_output=True, text=True,
+    ).stdout.strip()
+
+
+def _measure(
+    env: dict[str, str], code: Path, output_format: str, report: Path
+) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of one `chips --format F` run to /dev/null."""
+    started = time.perf_counter()
+    subprocess.run(  # in `code`: `python -c` puts the working directory first on sys.path
+        [sys.executable, "-c", _MEASURED_CLI, str(report), "-q", "chips", "--format",
+         output_format],
+        env=env, cwd=code, check=True, stdout=subprocess.DEVNULL,
+    )
+    return int(report.read_text()) / 1024, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chips", type=int, default=438_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--formats", default="geojson,csv")
+    parser.add_argument("--code", type=Path, default=REPO,
+                        help="source tree whose stacchip_db runs the chips command")
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="sdb-bench-mem-"))
+    fill_env = _env(home, REPO)
+    env = _env(home, args.code)
+    try:
+        _cli(fill_env, "db", "start")
+        _cli(fill_env, "db", "init")
+        started = time.perf_counter()
+        sys.path.insert(0, str(REPO))
+        import psycopg
+
+        from stacchip_db.synthetic import fill_chips
+
+        with psycopg.connect(_cli(fill_env, "db", "url"), autocommit=True) as conn:
+            with conn.transaction():
+                fill_chips(conn, args.chips)
+            # steady state: the first reads after a load would set every row's hint bits
+            # (writing each page again) while autovacuum runs beside them
+            conn.execute("VACUUM (ANALYZE) stacchip.chips")
+        print(f"{args.chips:,} chips made in {time.perf_counter() - started:.1f} s "
+              f"(embedded cluster, fsync on); code: {args.code}")
+        for output_format in args.formats.split(","):
+            runs = [_measure(env, args.code, output_format, home / "vmhwm")
+                    for _ in range(args.repeat)]
+            rss = [r for r, _ in runs]
+            seconds = [s for _, s in runs]
+            print(f"chips --format {output_format}: peak RSS median "
+                  f"{statistics.median(rss):.0f} MiB {[round(r) for r in rss]}, "
+                  f"{statistics.median(seconds):.1f} s")
+    finally:
+        subprocess.run([sys.executable, "-m", "stacchip_db.cli", "-q", "db", "stop"],
+                       env=fill_env, capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
