@@ -344,8 +344,8 @@ class StacApiServer:
 SOURCE_DATABASE = "stacchip_demo_source"
 DEMO_EXTRA = ("stac_fastapi.pgstac", "uvicorn")
 """What `pip install 'stacchip-db[demo]'` adds: the loopback STAC API the demo serves."""
-SELECTION = ["--collection", "sentinel-2-l2a", "--max-cloud", "0.5", "-n", "64", "--seed", "7"]
-"""The demo's seeded sample: 64 Sentinel-2 chips with at most 50 % cloud."""
+SELECTION = ["--collection", "sentinel-2-l2a", "--max-cloud", "0.5", "-n", "48", "--seed", "7"]
+"""The demo's seeded sample: 48 Sentinel-2 chips with at most 50 % cloud (3 cubes of 16)."""
 
 
 def check_demo_extra() -> None:
@@ -477,7 +477,7 @@ def run_demo(out_dir: Path) -> DemoResult:
         _stacchip_db(["sample", *SELECTION, "--format", "csv", "-o", str(result.sample)], env)
         click.echo("".join(result.sample.read_text().splitlines(keepends=True)[:4]), nl=False)
         shutil.rmtree(result.cubes, ignore_errors=True)
-        _stacchip_db(["prechip", *SELECTION, "--cube-size", "32", "--out", str(result.cubes)], env)
+        _stacchip_db(["prechip", *SELECTION, "--cube-size", "16", "--out", str(result.cubes)], env)
         _stacchip_db(
             ["stats", "--cubes", str(result.cubes / "sentinel-2-l2a"),
              "--platform", "sentinel-2-l2a", "--yaml", str(result.band_stats)],

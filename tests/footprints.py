@@ -36,7 +36,7 @@ def catalog_item(name: str, item_id: str) -> dict:
 
 def outside_mask(item: dict, transform: Affine, size: tuple[int, int]) -> np.ndarray:
     """Bool `(height, width)`: True where the pixel centre of the grid is outside the geometry."""
-    crs = chip_grid(item, chip_size=1).crs
+    crs = chip_grid(item, chip_size=1, max_chips=None).crs  # only the CRS is wanted
     to_crs = pyproj.Transformer.from_crs(4326, crs, always_xy=True)
     geometry = shapely.transform(
         shape(item["geometry"]),

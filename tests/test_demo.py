@@ -117,11 +117,10 @@ def test_demo_from_the_wheel_uses_only_a_database_of_its_own(
     assert f"export STACCHIP_HOME={home}" in done.stdout
     for made in ("sample.csv", "preview.png", "map.png", "band_stats.yaml"):
         assert (demo_out / made).stat().st_size > 0, made
-    # prechip exports the same seeded sample that `sample` wrote, in cubes of 32 chips.
+    # prechip exports the same seeded sample of 48 that `sample` wrote, in cubes of 16 chips.
     sampled = len((demo_out / "sample.csv").read_text().splitlines()) - 1
-    assert sampled > 0
     cubes = list((demo_out / "cubes" / "sentinel-2-l2a").glob("cube_*.npz"))
-    assert len(cubes) == -(-sampled // 32), (sampled, cubes)
+    assert sampled == 48 and len(cubes) == 3, (sampled, cubes)
     url = run_cli(["db", "url"], home=home)
     assert url.exit_code == 0, url.output
     assert _count(url.stdout.strip(), "SELECT count(*) FROM stacchip.chips") > 0
