@@ -1,4 +1,5 @@
--- Numeric queryables for pgstac (contract: ARCHITECTURE.md, "Database contract").
+-- Numeric queryables for pgstac (contract: docs/architecture.md, "Database contract",
+-- "Queryables").
 -- pgstac sorts a property with no queryable entry as text, so "least cloudy" by
 -- eo:cloud_cover would put 16.8 before 9.6. Registering a to_float wrapper makes sorting and
 -- comparisons numeric, for our searches and for any pgstac client of this database.

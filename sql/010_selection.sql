@@ -4,7 +4,8 @@
 --
 -- The set-returning functions are single-SELECT `LANGUAGE sql STABLE` functions so PostgreSQL
 -- inlines them into the calling query: with constant arguments, unused filters fold away and the
--- remaining ones use the indexes (GiST on geometry, btree on datetime, the sampling-key index).
+-- remaining ones use the indexes (the (geometry, datetime) GiST, btree on datetime, the
+-- sampling-key indexes).
 -- Keep them inlinable: no STRICT, no SECURITY DEFINER, no SET clauses, one SELECT.
 -- Calendar fields (month, quarter, year) are taken in UTC, whatever the session's TimeZone.
 

@@ -14,9 +14,10 @@ The plan, deterministic for a given selection (so Batch array jobs agree on it):
 5. a cube is written when all its tasks are back; a chip that could not be read is logged and
    left out of its cube, and counted in the summary.
 
-Cube contents (ARCHITECTURE.md): `pixels` float32 `(N, C, H, W)` in the platform's band order,
-`lat_norm`, `lon_norm`, `week_norm`, `hour_norm` float32 `(N, 2)`. Beside the cubes,
-`manifest.parquet` lists per cube and row the chip id, item, x, y, datetime and footprint.
+Cube contents (docs/architecture.md, "Exports", "npz cubes"): `pixels` float32 `(N, C, H, W)`
+in the platform's band order, `lat_norm`, `lon_norm`, `week_norm`, `hour_norm` float32
+`(N, 2)`. Beside the cubes, `manifest.parquet` lists per cube and row the chip id, item, x, y,
+datetime and footprint.
 """
 
 from __future__ import annotations

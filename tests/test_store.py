@@ -1,7 +1,7 @@
 """Storing items and chips: pgstac upsert + stacchip.chips replacement (stacchip_db.db.store).
 
-Real items from the shared fixtures, small synthetic COGs for their quality bands, a fresh
-migrated database per test.
+Real items from tests/data/stac (`fixtures_dir`), small synthetic COGs for their quality bands,
+a fresh migrated database per test.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""stacchip.chips: one row per chip (the public database contract in ARCHITECTURE.md).
+"""stacchip.chips: one row per chip (public contract: docs/architecture.md, "Database contract").
 
 Revision ID: 0001
 Revises:

@@ -1,9 +1,10 @@
 """Writing STAC items and their chips: pgstac upsert + `stacchip.chips` replacement.
 
-Contract (ARCHITECTURE.md, "Database contract"): an item and its chip rows are written in ONE
-transaction; the item goes into pgstac through pgstac's own `upsert_items`/`create_items`
-(never by hand into its tables), the chip rows of `(collection, item_id, chip_size)` are
-replaced by a binary COPY into a `TEMP TABLE … ON COMMIT DROP` and one `INSERT … SELECT`.
+Contract (docs/architecture.md, "Database contract", "How items are written"): an item and its
+chip rows are written in ONE transaction; the item goes into pgstac through pgstac's own
+`upsert_items`/`create_items` (never by hand into its tables), the chip rows of
+`(collection, item_id, chip_size)` are replaced by a binary COPY into a
+`TEMP TABLE … ON COMMIT DROP` and one `INSERT … SELECT`.
 Re-storing an item gives the same rows, never duplicates.
 
 The public API, used by the `index` command and by the processors:
