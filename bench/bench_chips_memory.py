@@ -28,16 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs the CLI in this process and writes its peak RSS (KiB) to argv[1] at exit.
-_MEASURED_CLI = """
-import atexit, runpy, sys
-def report(path=sys.argv[1]):
-    with open('/proc/self/status') as status, open(path, 'w') as out:
-        out.write(next(line for line in status if line.startswith('VmHWM')).split()[1])
-atexit.register(report)
-sys.argv = ['stacchip-db', *sys.argv[2:]]
-runpy.run_module('stacchip_db.cli', run_name='__main__')
-"""
+sys.path.insert(0, str(REPO))
+from tests.peak_rss import peak_rss_mib  # noqa: E402  (the tests' measurement)
 
 
 def _env(home: Path, code: Path) -> dict[str, str]:
@@ -59,12 +51,9 @@ def _measure(
 ) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of one `chips --format F` run to /dev/null."""
     started = time.perf_counter()
-    subprocess.run(  # in `code`: `python -c` puts the working directory first on sys.path
-        [sys.executable, "-c", _MEASURED_CLI, str(report), "-q", "chips", "--format",
-         output_format],
-        env=env, cwd=code, check=True, stdout=subprocess.DEVNULL,
-    )
-    return int(report.read_text()) / 1024, time.perf_counter() - started
+    # in `code`: `python -c` puts the working directory first on sys.path
+    rss = peak_rss_mib(["-q", "chips", "--format", output_format], env, code, report)
+    return rss, time.perf_counter() - started
 
 
 def main() -> None:
@@ -82,7 +71,6 @@ def main() -> None:
         _cli(fill_env, "db", "start")
         _cli(fill_env, "db", "init")
         started = time.perf_counter()
-        sys.path.insert(0, str(REPO))
         import psycopg
 
         from stacchip_db.synthetic import fill_chips

@@ -37,6 +37,7 @@ from stacchip_db.errors import StacchipError
 from stacchip_db.grid import ChipGrid, chip_grid, item_view
 from stacchip_db.sensors import BandError, band_names, locate_band, profile_for
 from stacchip_db.signing import sign_href
+from stacchip_db.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ def read_item_chips(
         with lock:
             if ok[position]:  # one failure per chip (its first asset), so callers count chips
                 ok[position] = False
-                failures.append(ChipFailure(position, href, _first_line(exc)))
+                failures.append(ChipFailure(position, href, first_line(exc)))
 
     work = _lanes(reads, n, lanes)
 
@@ -313,11 +314,6 @@ def _dtype(item: Any, reads: list[AssetRead]) -> np.dtype:
         bands = view.assets[read.asset].get("raster:bands") or [{}]
         types.append(np.dtype(bands[0].get("data_type", "uint16")))
     return np.result_type(*types) if types else np.dtype("float32")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
 
 
 # -- random access (ChipDataset) ----------------------------------------------------------------
@@ -402,7 +398,7 @@ def read_chip(
             )
         except (RasterioError, OSError) as exc:
             raise ChipReadError(
-                f"chip {grid.item_id}-{x}-{y}: cannot read {read.href}: {_first_line(exc)}"
+                f"chip {grid.item_id}-{x}-{y}: cannot read {read.href}: {first_line(exc)}"
             ) from exc
         if out is None:
             out = np.zeros((len(bands), chip_size, chip_size), dtype=_dtype(item, reads))

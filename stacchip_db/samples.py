@@ -16,6 +16,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from stacchip_db.errors import StacchipError
+from stacchip_db.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def read_sample(source: str, index: int) -> Sample:
     try:
         frame = gpd.read_file(source)
     except Exception as exc:  # pyogrio/fiona/GDAL raise many types for unreadable sources
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)[:300]
         raise SampleSourceError(
             f"cannot read sample source {source}: {detail}; give a path or URL of a layer "
             "geopandas can open (.fgb, .gpkg, .geojson)"

@@ -32,6 +32,7 @@ from shapely.geometry import shape
 
 from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
 from stacchip_db.errors import StacchipError
+from stacchip_db.text import first_line
 
 CHIP_COLUMNS = (
     "chip_id",
@@ -688,7 +689,7 @@ def read_geometry(path: str | Path) -> str:
             geometry = shapely.union_all(frame.geometry.values)
     except (GEOSException, ValueError, KeyError, TypeError, OSError) as exc:
         raise SelectionError(
-            f"geometry file {source} could not be read ({str(exc).splitlines()[0]}): give WKT, "
+            f"geometry file {source} could not be read ({first_line(exc)}): give WKT, "
             "GeoJSON or a vector file geopandas reads"
         ) from exc
     if geometry is None or geometry.is_empty:

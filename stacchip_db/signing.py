@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from urllib.parse import parse_qs, urlsplit
 
 from stacchip_db.errors import ConfigError, StacchipError
+from stacchip_db.text import first_line
 
 SIGN_ENV = "STACCHIP_SIGN"
 """`0`/`false`/`no`/`off` turns signing off for this process and the processes it starts."""
@@ -157,7 +158,7 @@ def _token(account: str, container: str) -> str:
             ).token
         except (requests.RequestException, ValueError, TypeError) as exc:
             # ValueError covers a body that is not JSON and pydantic's validation error.
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            detail = first_line(exc)
             error = SigningError(
                 f"cannot get a Planetary Computer SAS token for account {account!r}, container "
                 f"{container!r} from {Settings.get().sas_url} ({type(exc).__name__}: "

@@ -40,6 +40,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from stacchip_db.errors import StacchipError
 from stacchip_db.paths import check_name
 from stacchip_db.signing import sign_href
+from stacchip_db.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def _s3_error(exc: Exception, url: str, action: str) -> StorageError:
                 f"access denied to {url} while trying to {action}: check the AWS credentials "
                 "(and whether the bucket is requester-pays)"
             )
-    return StorageError(f"cannot {action} {url}: {str(exc).splitlines()[0]}")
+    return StorageError(f"cannot {action} {url}: {first_line(exc)}")
 
 
 # -- size of an object ------------------------------------------------------------------------

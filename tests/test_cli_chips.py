@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from stacchip_db.chip_formats import write_chips
 from stacchip_db.selection import ChipFilter, build_selection, stream_chips
 from stacchip_db.synthetic import fill_chips
 from tests.conftest import REPO, error_line, run_cli
+from tests.peak_rss import peak_rss_mib
 from tests.test_selection import CHIPS, store_chips
 
 
@@ -283,30 +282,10 @@ def test_an_empty_time_range_quotes_what_was_typed(
 LARGE = 200_000
 
 
-# The CLI in a process of its own that writes its peak RSS (VmHWM of /proc/self/status, in
-# KiB) to argv[1] at exit. Not wait4's ru_maxrss: that also counts the parent's memory, which a
-# child forked (or vforked) from pytest starts with before it execs.
-_MEASURED_CLI = """
-import atexit, runpy, sys
-def report(path=sys.argv[1]):
-    with open('/proc/self/status') as status, open(path, 'w') as out:
-        out.write(next(line for line in status if line.startswith('VmHWM')).split()[1])
-atexit.register(report)
-sys.argv = ['stacchip-db', *sys.argv[2:]]
-runpy.run_module('stacchip_db.cli', run_name='__main__')
-"""
-
-
 def _peak_rss(args: list[str], database_url: str, tmp_path: Path) -> float:
     """Run the CLI in its own process; its peak RSS in MiB."""
     env = {**os.environ, "STACCHIP_DATABASE_URL": database_url}
-    report = tmp_path / "vmhwm.txt"
-    result = subprocess.run(
-        [sys.executable, "-c", _MEASURED_CLI, str(report), *args],
-        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    return int(report.read_text()) / 1024
+    return peak_rss_mib(args, env, REPO, tmp_path / "vmhwm.txt")
 
 
 @pytest.fixture(scope="module")

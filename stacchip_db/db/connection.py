@@ -16,6 +16,7 @@ import psycopg
 from stacchip_db.config import Settings, mask_url
 from stacchip_db.db.embedded import EmbeddedCluster
 from stacchip_db.errors import DatabaseError, DatabaseUnavailable
+from stacchip_db.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +85,15 @@ def translate_errors(what: str) -> Iterator[None]:
         yield
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(
-            f"{what}: lost the database connection: {_first_line(exc)}"
+            f"{what}: lost the database connection: {masked_first_line(exc)}"
         ) from exc
     except psycopg.Error as exc:
-        raise DatabaseError(f"{what}: {_first_line(exc)}") from exc
+        raise DatabaseError(f"{what}: {masked_first_line(exc)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = mask_url(str(exc).strip())
-    return text.splitlines()[0] if text else exc.__class__.__name__
+def masked_first_line(exc: BaseException) -> str:
+    """`text.first_line` with passwords masked: database errors may quote a URL."""
+    return mask_url(first_line(exc))
 
 
 class Database:

@@ -34,7 +34,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from stacchip_db.config import QUERY_DATABASE_URL_ENV, mask_url
-from stacchip_db.db.connection import _first_line, connect
+from stacchip_db.db.connection import connect, masked_first_line
 from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, set_lock_timeout
 from stacchip_db.errors import DatabaseError, DatabaseUnavailable, StacchipError
 
@@ -125,7 +125,8 @@ def check_login(conn: psycopg.Connection) -> None:
         found = conn.execute(_CHECK_LOGIN, {"power": list(_POWER_ROLES)}).fetchone()
         conn.rollback()
     except psycopg.Error as exc:
-        raise QueryLoginError(f"cannot check the login for user SQL: {_first_line(exc)}") from exc
+        detail = masked_first_line(exc)
+        raise QueryLoginError(f"cannot check the login for user SQL: {detail}") from exc
     if found is not None:
         user, role, powers = found
         through = "" if role == user else f" through role {role}"
@@ -241,7 +242,8 @@ def user_query(
             except psycopg.Error as exc:
                 raise QueryLoginError(
                     f"the login for user SQL cannot share the tool's snapshot "
-                    f"({_first_line(exc)}); point {QUERY_DATABASE_URL_ENV} at the same database"
+                    f"({masked_first_line(exc)}); point {QUERY_DATABASE_URL_ENV} at the same "
+                    "database"
                 ) from exc
         conn.execute(
             "SELECT set_config('statement_timeout', %s, true), "
@@ -261,14 +263,14 @@ def user_query(
                 raise _past_deadline(timeout_s) from exc
             except psycopg.errors.ReadOnlySqlTransaction as exc:
                 raise QueryError(
-                    f"`query` tried to write, and user SQL is read-only: {_first_line(exc)}"
+                    f"`query` tried to write, and user SQL is read-only: {masked_first_line(exc)}"
                 ) from exc
             except psycopg.Error as exc:
                 if deadline.expired.is_set():  # a cancelled query may fail otherwise
                     raise _past_deadline(timeout_s) from exc
                 raise QueryError(
                     "`query` must be one read-only SELECT that the restricted login may run; "
-                    f"the database refused it: {_first_line(exc)}"
+                    f"the database refused it: {masked_first_line(exc)}"
                 ) from exc
     finally:
         # Closing without COMMIT rolls back whatever the query did (large objects included).

@@ -44,6 +44,7 @@ from stacchip_db.quality import QualityRule
 from stacchip_db.samples import Sample, read_sample
 from stacchip_db.signing import signing_as
 from stacchip_db.stac_api import open_api
+from stacchip_db.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +377,7 @@ def _run_job(processor: Processor, request: JobRequest, db: Database | None) -> 
         if request.dry_run:
             raise
         summary.status = "failed"
-        summary.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        summary.error = first_line(exc)
         _record_finish(db, summary)  # type: ignore[arg-type]
         if isinstance(exc, StacchipError):
             raise JobFailed(summary) from exc

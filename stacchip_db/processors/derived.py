@@ -35,6 +35,7 @@ from stacchip_db.errors import StacchipError
 from stacchip_db.processors.base import SceneReport
 from stacchip_db.signing import sign_href
 from stacchip_db.storage import CopyResult
+from stacchip_db.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def derive_object(
             render(local)
         except RasterioError as exc:
             raise DerivedAssetError(
-                f"cannot derive {destination} from {source}: {str(exc).splitlines()[0]}; "
+                f"cannot derive {destination} from {source}: {first_line(exc)}; "
                 "check the source href and that it is a readable raster"
             ) from exc
         size = local.stat().st_size
@@ -86,7 +87,7 @@ def _publish(local: Path, destination: str) -> None:
             storage.s3_client().upload_file(str(local), bucket, key)
         except (ClientError, BotoCoreError) as exc:
             raise storage.StorageError(
-                f"cannot upload {destination}: {str(exc).splitlines()[0]}"
+                f"cannot upload {destination}: {first_line(exc)}"
             ) from exc
         return
     os.replace(local, destination)  # same folder: an atomic rename
@@ -147,5 +148,5 @@ def open_source(href: str) -> Iterator[DatasetReader]:
                 f"source object {href} does not exist; check the item's href"
             ) from exc
         raise DerivedAssetError(
-            f"cannot read source raster {href}: {str(exc).splitlines()[0]}"
+            f"cannot read source raster {href}: {first_line(exc)}"
         ) from exc

@@ -47,6 +47,7 @@ from stacchip_db.processors.base import (
 from stacchip_db.processors.derived import derive_object, open_source, write_array_cog
 from stacchip_db.quality import profile_rule
 from stacchip_db.sensors import collection_profile
+from stacchip_db.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def list_tiffs(url: str) -> list[str]:
             keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".tiff")]
     except (ClientError, BotoCoreError) as exc:
         raise LinzSourceError(
-            f"cannot list {url}: {str(exc).splitlines()[0]}; check --stac-api (the source "
+            f"cannot list {url}: {first_line(exc)}; check --stac-api (the source "
             "bucket) and --prefix"
         ) from exc
     return [f"s3://{bucket}/{key}" for key in keys]
