@@ -44,3 +44,46 @@ def test_fixture_links_stay_inside_the_repository() -> None:
         target = link.resolve()
         assert target.is_file(), f"{link} points at {target}, which does not exist"
         assert target.is_relative_to(REPO), f"{link} points outside the repository: {target}"
+
+
+def test_every_library_the_package_imports_is_a_runtime_dependency() -> None:
+    """A wheel installed with its dependencies alone must import: every third-party module
+    that `stacchip_db` imports comes from a distribution that pyproject.toml requires (the
+    demo's server stack from its `demo` extra). The tests' environment has the test extras
+    too, so a missing dependency would not show there any other way."""
+    import ast
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {Requirement(r).name.lower().replace("_", "-") for r in requirements}
+
+    runtime = names(project["dependencies"])
+    demo = names(project["optional-dependencies"]["demo"])
+    providers = packages_distributions()
+    missing = []
+    for path in sorted((REPO / "stacchip_db").rglob("*.py")):
+        allowed = runtime | demo if path.name == "demo.py" else runtime
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                if top == "stacchip_db" or top in sys.stdlib_module_names:
+                    continue
+                dists = {d.lower().replace("_", "-") for d in providers.get(top, [top])}
+                if not dists & allowed:
+                    missing.append(f"{path.relative_to(REPO)} imports {module} ({dists})")
+    assert "stacchip_db/cli/__init__.py" in {  # the walk saw the package
+        str(p.relative_to(REPO)) for p in (REPO / "stacchip_db").rglob("*.py")
+    }
+    assert not missing, "not in pyproject.toml's dependencies: " + "; ".join(missing)
