@@ -700,6 +700,17 @@ def _into(outcome: dict[str, Any], work: Any) -> None:
         outcome["bulk"] = e
 
 
+def _bulk_in_thread(
+    bulk_conn: Any, pairs: list[tuple[dict, pa.Table]], outcome: dict[str, Any]
+) -> threading.Thread:
+    """A started thread bulk-loading `pairs` on `bulk_conn`; its result lands in `outcome`."""
+    bulk = threading.Thread(
+        target=_into, args=(outcome, lambda: bulk_load(bulk_conn, pairs, chip_size=1024))
+    )
+    bulk.start()
+    return bulk
+
+
 @pytest.mark.timeout(120)
 def test_readers_give_up_at_once_behind_a_bulk_load_naming_it(
     database_url: str, fixtures_dir: Path, tmp_path: Path
@@ -711,9 +722,7 @@ def test_readers_give_up_at_once_behind_a_bulk_load_naming_it(
     bulk_conn.commit()
     bulk_pid = bulk_conn.info.backend_pid
     outcome: dict[str, Any] = {}
-    bulk = threading.Thread(target=_into, args=(outcome, lambda: bulk_load(
-        bulk_conn, pairs, chip_size=1024)))
-    bulk.start()
+    bulk = _bulk_in_thread(bulk_conn, pairs, outcome)
     try:
         deadline = time.monotonic() + 60
         while not _holds_exclusive_lock(database_url, bulk_pid):
@@ -752,9 +761,7 @@ def test_a_bulk_load_waiting_for_a_reader_does_not_hold_up_other_readers(
     bulk_conn = connect(database_url)
     bulk_pid = bulk_conn.info.backend_pid
     outcome: dict[str, Any] = {}
-    bulk = threading.Thread(target=_into, args=(outcome, lambda: bulk_load(
-        bulk_conn, pairs, chip_size=1024)))
-    bulk.start()
+    bulk = _bulk_in_thread(bulk_conn, pairs, outcome)
     try:
         with connect(database_url, autocommit=True) as watcher:
             deadline = time.monotonic() + 60
