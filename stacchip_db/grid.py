@@ -517,9 +517,9 @@ def chip_grid(
     chips = (height // chip_size) * (width // chip_size)
     if max_chips is not None and chips > max_chips:
         raise TooManyChipsError(
-            f"item {view.id}: {height} x {width} px in chips of {chip_size} px are {chips:,} "
-            f"chips, more than max_chips={max_chips:,}; use a larger chip_size, check the "
-            "item's proj:shape, or raise max_chips",
+            f"item {view.id}: {chips:,} chips ({height} x {width} px in chips of {chip_size} "
+            f"px), more than `max_chips` {max_chips:,}; use a larger `chip_size`, check the "
+            "item's proj:shape, or raise `max_chips`",
             chips=chips,
             limit=max_chips,
         )

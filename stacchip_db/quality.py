@@ -223,7 +223,7 @@ def profile_rule(profile: Profile, item: Any = None, *, asset: str | None = None
             raise QualityError(
                 f"item {view.id}: {profile.name} keeps its quality band in asset {key!r}, which "
                 f"the item does not have (assets: {', '.join(sorted(view.assets))}); name the "
-                "band with quality_asset or pick another rule"
+                "band with `quality_asset` or pick another `quality` rule"
             )
         key, fields = found, view.assets[found]
     if key is None or sensor.quality == "none":
@@ -272,8 +272,8 @@ def choose_rule(
                 return QualityChoice(_bound(RULES[name], found), profile_name)
         if quality_asset is not None:
             raise QualityError(
-                f"item {view.id}: quality_asset {quality_asset!r} is given but no rule is known "
-                f"for it; pass quality as one of {', '.join(sorted(RULES))}"
+                f"item {view.id}: `quality_asset` {quality_asset!r} is given but no rule is known "
+                f"for it; pass `quality` as one of {', '.join(sorted(RULES))}"
             )
         return _none_found(view, profile_name, "no asset of a known quality band")
     if quality not in RULES:
@@ -299,8 +299,8 @@ def _none_found(view: ItemView, profile: str | None, why: str) -> QualityChoice:
     where = f"collection {view.collection!r}" if view.collection else "items without collection"
     warning = (
         f"{where}: quality auto found no quality band ({why}): cloud fractions are 0 and "
-        "nodata comes only from the item geometry; name the band with quality_asset or pick "
-        "a rule"
+        "nodata comes only from the item geometry; name the band with `quality_asset` or pick "
+        "a `quality` rule"
     )
     return QualityChoice(NONE_RULE, profile, found=False, warning=warning)
 
@@ -531,7 +531,7 @@ def chip_fractions(
         raise QualityError(
             f"item {view.id}: quality rule {rule.name!r} needs asset {rule.asset!r}, which the "
             f"item does not have (assets: {', '.join(sorted(view.assets))}); name its quality "
-            "band with quality_asset or pick another rule"
+            "band with `quality_asset` or pick another `quality` rule"
         )
     band = read_quality_band(grid, view.assets[rule.asset]["href"], asset=rule.asset)
     extra = None

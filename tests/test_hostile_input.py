@@ -194,7 +194,8 @@ def test_a_huge_proj_shape_is_refused_before_allocating(fixtures_dir: Path) -> N
     item["properties"]["proj:shape"] = [10**7, 10**7]  # 1.5 billion chips of 256 px
     error, peak = _peak_bytes(lambda: index_item(item, quality="none"))
     assert isinstance(error, TooManyChipsError), error
-    assert f"{(10**7 // 256) ** 2:,} chips, more than max_chips=1,000,000" in str(error)
+    assert f"{(10**7 // 256) ** 2:,} chips (10000000 x 10000000 px in chips of 256 px), more " \
+        "than `max_chips` 1,000,000" in str(error)
     assert peak < 16 * 2**20  # the grid would need gigabytes
 
 
@@ -210,11 +211,12 @@ def test_chip_size_1_on_naip_is_refused_and_max_chips_raises_the_bound(
         lambda: run_cli([*args, "--chip-size", "1"], database_url=database_url)
     )
     line = error_line(result)
-    assert f"item {item['id']}: 122,910,864 chips, more than --max-chips {MAX_CHIPS:,}" in line
+    assert f"item {item['id']}: 122,910,864 chips (12666 x 9704 px in chips of 1 px), more " \
+        f"than --max-chips {MAX_CHIPS:,}; use a larger --chip-size" in line
     assert peak < 64 * 2**20  # 122 M chips would be tens of gigabytes
     assert _stored(database_url) == (set(), set())
     small = error_line(run_cli([*args, "--max-chips", "1000"], database_url=database_url))
-    assert "1,813 chips, more than --max-chips 1,000" in small
+    assert "1,813 chips (12666 x 9704 px in chips of 256 px), more than --max-chips 1,000" in small
     ok = run_cli([*args, "--max-chips", "2000"], database_url=database_url)
     assert ok.exit_code == 0, ok.output
     assert "1,813 chips stored" in ok.stdout

@@ -128,7 +128,7 @@ def test_named_rule_finds_the_catalogs_spelling_and_quality_asset_names_any() ->
     assert (named.name, named.asset) == ("s2", "scene_class")
     assert named.pair_lut is S2_RULE.pair_lut
     unknown = {"id": "x", "collection": "drone", "assets": {"mask": {}}}
-    with pytest.raises(QualityError, match="quality_asset 'mask' is given but no rule"):
+    with pytest.raises(QualityError, match="`quality_asset` 'mask' is given but no rule"):
         choose_rule("auto", unknown, quality_asset="mask")
     assert choose_rule("s2", unknown, quality_asset="mask").rule.asset == "mask"
 

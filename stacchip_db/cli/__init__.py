@@ -35,16 +35,27 @@ LAZY_COMMANDS = {
 }
 """The root group's commands: name -> `module:attribute`, imported on first use."""
 
-PARAMETER_FLAGS = {"`query`": "--query", "`statement_timeout_s`": "--statement-timeout"}
-"""Library errors name the Python parameter in backticks; the CLI names its flag instead."""
+PARAMETER_FLAGS = {
+    "`query`": "--query",
+    "`statement_timeout_s`": "--statement-timeout",
+    "`quality`": "--quality",
+    "`quality_asset`": "--quality-asset",
+    "`chip_size`": "--chip-size",
+    "`max_chips`": "--max-chips",
+}
+"""Library messages name the Python parameter in backticks; the CLI names its flag instead."""
 
 
-def cli_message(exc: StacchipError) -> str:
-    """The one line the CLI prints for a library error: flags for parameters, masked URLs."""
-    text = str(exc)
+def in_cli_words(text: str) -> str:
+    """A library message as the CLI says it: flags for parameters, masked URLs."""
     for parameter, flag in PARAMETER_FLAGS.items():
         text = text.replace(parameter, flag)
     return mask_url(text)
+
+
+def cli_message(exc: StacchipError) -> str:
+    """The one line the CLI prints for a library error."""
+    return in_cli_words(str(exc))
 
 
 class CliGroup(click.Group):

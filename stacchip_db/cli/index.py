@@ -27,6 +27,7 @@ from urllib.parse import urljoin, urlparse
 
 import click
 
+from stacchip_db.cli import in_cli_words
 from stacchip_db.cli.options import (
     CliContext,
     max_chips_option,
@@ -268,13 +269,6 @@ def _one_line(message: str, item_id: str) -> str:
 
 def _item_error(error: Exception) -> str:
     """What went wrong with one item, in the CLI's words (its flags, not Python parameters)."""
-    from stacchip_db.grid import TooManyChipsError
-
-    if isinstance(error, TooManyChipsError):
-        return (
-            f"{error.chips:,} chips, more than --max-chips {error.limit:,}; use a larger "
-            "--chip-size, check the item's proj:shape, or raise --max-chips"
-        )
     if isinstance(error, StacchipError):
         return str(error)
     log.debug("indexing an item failed", exc_info=error)  # -vv: where it came from
@@ -404,11 +398,11 @@ def index(
             extra = [stack.enter_context(db.connect()) for _ in range(writers - 1)]
             _batched(conn, extra, sources, collection, options, strict, on_conflict, progress,
                      summary, errors)
-    summary.failed = [{"item": where, "error": _flags(message)} for where, message in errors]
-    summary.warnings = [_flags(message) for message in summary.warnings]
+    summary.failed = [{"item": where, "error": in_cli_words(message)} for where, message in errors]
+    summary.warnings = [in_cli_words(message) for message in summary.warnings]
     summary.seconds = time.perf_counter() - started
     for _, message in errors:
-        click.echo(f"Error: {_flags(message)}", err=True)
+        click.echo(f"Error: {in_cli_words(message)}", err=True)
     for message in summary.warnings:
         click.echo(f"Warning: {message}", err=True)
     if as_json:
@@ -417,16 +411,6 @@ def index(
         click.echo(summary.line())
     if errors:
         ctx.exit(1)
-
-
-PARAMETER_FLAGS = {"quality_asset": "--quality-asset", "pick a rule": "pick a --quality rule"}
-"""Library messages name Python parameters; the CLI's own output names its flags."""
-
-
-def _flags(message: str) -> str:
-    for parameter, flag in PARAMETER_FLAGS.items():
-        message = message.replace(parameter, flag)
-    return message
 
 
 def _indexed(
