@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import importlib.util
 import json
 import logging
@@ -379,6 +380,21 @@ def build_demo_catalog(server_url: str, out_dir: Path) -> tuple[str, dict[str, A
     return catalog_url, bases
 
 
+DEMO_HOMES = Path("/var/lib/stacchip-db-demo")
+"""Where the demo's database lives, as root, when the server user cannot reach --out."""
+
+
+def demo_home(out_dir: Path) -> Path:
+    """`out_dir/home`; as root, when the server user (postgres) cannot enter `out_dir` (under
+    /root, say), a home of this output folder's own under `DEMO_HOMES` instead: the demo may
+    not change the permissions of folders it did not make."""
+    home = out_dir / "home"
+    if EmbeddedCluster(home).server_can_enter(out_dir):
+        return home
+    digest = hashlib.sha256(str(out_dir).encode()).hexdigest()[:12]
+    return DEMO_HOMES / digest
+
+
 def demo_environment(home: Path) -> dict[str, str]:
     """The environment of the demo's commands: its own embedded database, never the user's."""
     env = {k: v for k, v in os.environ.items() if k not in (DATABASE_URL_ENV, HOME_ENV)}
@@ -440,7 +456,9 @@ def run_demo(out_dir: Path) -> DemoResult:
     check_demo_extra()
     out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    home = out_dir / "home"
+    home = demo_home(out_dir)
+    if home.parent != out_dir:
+        click.echo(f"demo: the database server cannot enter {out_dir}; its home is {home}")
     env = demo_environment(home)
     cluster = EmbeddedCluster(home)
     was_running = cluster.status().running

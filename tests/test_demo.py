@@ -168,3 +168,21 @@ def test_db_url_creates_and_starts_nothing(tmp_path: Path) -> None:
     assert "no embedded database is running" in result.stderr
     assert "stacchip-db db start" in result.stderr
     assert not home.exists()
+
+
+def test_the_demo_home_is_where_the_server_user_can_reach_it(demo_out: Path) -> None:
+    from stacchip_db.demo import DEMO_HOMES, demo_home
+
+    open_out = demo_out / "open"  # demo_out: a folder under /tmp that the server can enter
+    open_out.mkdir(mode=0o755)
+    assert demo_home(open_out) == open_out / "home"
+    closed = demo_out / "closed"  # as a clone under /root (0700) would be, for postgres
+    closed.mkdir(mode=0o700)
+    out = closed / "demo-output"
+    out.mkdir()
+    if os.geteuid() != 0:  # no server user to keep out: every folder the user has is fine
+        assert demo_home(out) == out / "home"
+        return
+    home = demo_home(out)
+    assert home.parent == DEMO_HOMES and home != demo_home(open_out)
+    assert demo_home(out) == home  # the same output folder always finds its database again

@@ -28,7 +28,9 @@ def demo(cli: CliContext, out_dir: Path) -> None:
 
     The demo never touches your database: it starts an embedded database of its own under
     OUT/home, whatever --database-url, STACCHIP_DATABASE_URL or STACCHIP_HOME say, and leaves it
-    running so that you can query it. Needs `pip install 'stacchip-db[demo]'`.
+    running so that you can query it (as root, when the server user cannot enter OUT, its home
+    is a folder of its own under /var/lib/stacchip-db-demo). Needs
+    `pip install 'stacchip-db[demo]'`.
     """
     from stacchip_db.demo import run_demo
 
@@ -37,6 +39,8 @@ def demo(cli: CliContext, out_dir: Path) -> None:
     result = run_demo(out_dir)
     home = result.home
     sdb = _command()
+    made = [result.out_dir] if home.is_relative_to(result.out_dir) else [result.out_dir, home]
+    folders = " ".join(shlex.quote(str(folder)) for folder in made)
     click.echo(
         "\ndemo: done. What it made:\n"
         f"  copied scenes     {result.target}/{{collection}}/{{item_id}}/\n"
@@ -48,7 +52,7 @@ def demo(cli: CliContext, out_dir: Path) -> None:
         f"      export STACCHIP_HOME={shlex.quote(str(home))}\n"
         f'      psql "$({sdb} db url)"     # query it\n'
         f"      {sdb} db stop              # stop it when you are done\n"
-        f"  remove everything: {sdb} db stop, then rm -r {shlex.quote(str(result.out_dir))}"
+        f"  remove everything: {sdb} db stop, then rm -r {folders}"
     )
 
 

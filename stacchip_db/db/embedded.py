@@ -332,6 +332,11 @@ class EmbeddedCluster:
                     f"(e.g. {ROOT_HOME}) or allow it through (chmod o+x {folder})"
                 )
 
+    def server_can_enter(self, folder: Path) -> bool:
+        """Whether the server user can enter `folder` (an existing one); always true unless
+        we run as root, when the server runs as an unprivileged user."""
+        return self._server_user() is None or self._server_can_enter(folder)
+
     def _server_can_enter(self, folder: Path) -> bool:
         # Asked of the kernel as the server user: ACLs and groups count as they will for it.
         return self._run(["test", "-x", str(folder)], check=False).returncode == 0
