@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import click
 import psycopg
@@ -54,13 +55,20 @@ def test_init_empty_database_twice_is_idempotent(empty_database_url: str) -> Non
     assert _snapshot(empty_database_url) == first
 
 
-def test_alembic_head_constant_matches_the_revision_scripts() -> None:
+def test_alembic_head_from_file_names_matches_the_revision_scripts() -> None:
+    """The schema gate reads the head from file names (no alembic import): every revision file
+    must be `NNNN_name.py` with `revision = "NNNN"` following the one before it."""
     from alembic.script import ScriptDirectory
 
     from stacchip_db.db.migrate import alembic_config
 
     script = ScriptDirectory.from_config(alembic_config())
-    assert script.get_heads() == [alembic_head()], "bump ALEMBIC_HEAD in db/migrate.py"
+    assert script.get_heads() == [alembic_head()]
+    revisions = sorted(script.walk_revisions(), key=lambda rev: rev.revision)
+    for number, rev in enumerate(revisions, start=1):
+        assert rev.revision == f"{number:04d}", rev.path
+        assert Path(rev.path).name.startswith(f"{rev.revision}_"), rev.path
+        assert rev.down_revision == (f"{number - 1:04d}" if number > 1 else None), rev.path
 
 
 def test_pgstac_search_works_after_init(database_url: str) -> None:

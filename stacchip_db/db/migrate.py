@@ -9,14 +9,17 @@ Order, each step idempotent:
 A cluster-wide advisory lock serialises concurrent `db init` runs (many Batch jobs may start
 at once against a new RDS database).
 
-Contract with alembic/versions/: `ALEMBIC_HEAD` names the newest revision, so the schema gate
-that every command runs needs no alembic (importing it and reading the scripts cost ~0.3 s per
-command); tests/test_migrations.py checks that it equals alembic's own head. alembic,
-SQLAlchemy and pypgstac's migrator are imported only by `db init`.
+Contract with alembic/versions/: each revision file is `NNNN_name.py` with `revision = "NNNN"`
+and `down_revision` the one before, so the head is the highest file-name number and the schema
+gate that every command runs reads it from the directory listing without importing alembic
+(importing it and reading the scripts cost ~0.3 s per command); tests/test_migrations.py checks
+the naming and that this equals alembic's own head. alembic, SQLAlchemy and pypgstac's migrator
+are imported only by `db init`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -36,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ALEMBIC_HEAD = "0007"
-"""The newest revision under alembic/versions/ (bump it with every new revision)."""
 SCHEMA = "stacchip"
 # Any constant works; it only has to be the same for every stacchip-db process.
 INIT_LOCK_KEY = 0x57AC_C41B
@@ -65,9 +66,17 @@ def alembic_config() -> Config:
     return config
 
 
+@functools.cache
 def alembic_head() -> str:
-    """The head revision (a constant: see the module docstring for the contract)."""
-    return ALEMBIC_HEAD
+    """The head revision: the highest `NNNN` prefix under alembic/versions/ (see the contract
+    in the module docstring)."""
+    numbers = [
+        path.name.split("_", 1)[0]
+        for path in (resource_dir("alembic") / "versions").glob("[0-9][0-9][0-9][0-9]_*.py")
+    ]
+    if not numbers:
+        raise RuntimeError("no alembic revisions shipped: the package is incomplete, reinstall it")
+    return max(numbers)
 
 
 @dataclass
