@@ -1,4 +1,5 @@
-"""Storing items and chips: pgstac upsert + stacchip.chips replacement (stacchip_db.db.store).
+"""Storing items and chips: pgstac upsert + stacchip.chips replacement (stacchip_db.db: store,
+writer, bulk, and their COPY encoder).
 
 Real items from tests/data/stac (`fixtures_dir`), small synthetic COGs for their quality bands,
 a fresh migrated database per test.
@@ -18,20 +19,22 @@ import pyarrow as pa
 import pytest
 
 from stacchip_db.db import connect
-from stacchip_db.db.store import (
-    CollectionMissing,
-    ItemError,
-    ItemExists,
-    ItemWriter,
-    OnConflict,
+from stacchip_db.db.bulk import (
     bulk_copy_data,
     bulk_load,
-    chips_copy_data,
     chips_table_is_empty,
-    store_item,
-    store_items,
     table_definitions,
 )
+from stacchip_db.db.items import ItemError, prepare_item
+from stacchip_db.db.store import (
+    CollectionMissing,
+    ItemExists,
+    OnConflict,
+    chips_copy_data,
+    store_item,
+    store_items,
+)
+from stacchip_db.db.writer import ItemWriter
 from stacchip_db.errors import DatabaseError
 from stacchip_db.index import index_item, item_datetime
 from stacchip_db.synthetic import synthesize_item
@@ -578,14 +581,12 @@ def test_bulk_copy_data_with_mixed_lengths_keeps_key_order() -> None:
             "geometry": pa.array(shapely.to_wkb([square, triangle, square, square]).tolist()),
         }
     )
-    from stacchip_db.db.store import _prepare
-
     def item(item_id: str) -> dict:
         return {"type": "Feature", "id": item_id, "collection": "c", "bbox": [0, 0, 1, 1],
                 "geometry": shapely.geometry.mapping(square),
                 "properties": {"datetime": "2020-01-01T00:00:00Z"}}
 
-    prepared = [_prepare(item(i), table) for i in ("bb", "a", "ccc")]
+    prepared = [prepare_item(item(i), table) for i in ("bb", "a", "ccc")]
     data, rows = bulk_copy_data(prepared, 8)
     assert rows == 12
     # Decode: per row, 9 fields: collection, item id, chip size, x, y, datetime, 2 fractions, WKB.
