@@ -609,6 +609,34 @@ def test_bulk_copy_data_with_mixed_lengths_keeps_key_order() -> None:
     assert all(f[8] == wkb[(k[1], k[2])] for f, k in zip(decoded, keys, strict=True))
 
 
+def test_copy_encoder_refuses_a_layout_it_cannot_build() -> None:
+    from stacchip_db.db.copy import copy_chip_rows
+
+    table = pa.table(
+        {
+            "chip_index_x": pa.array([0], pa.int32()),
+            "chip_index_y": pa.array([0], pa.int32()),
+            "cloud_fraction": pa.array([0.0], pa.float32()),
+            "nodata_fraction": pa.array([0.0], pa.float32()),
+            "geometry": pa.array([b"\x01"], pa.binary()),
+        }
+    )
+    with pytest.raises(ValueError, match="no COPY encoding for column footprint"):
+        copy_chip_rows(("item_no", "footprint"), [table])
+    with pytest.raises(ValueError, match="text columns must lead"):
+        copy_chip_rows(("chip_size", "item_id"), [table], {"chip_size": [8], "item_id": ["a"]})
+    with pytest.raises(ValueError, match="column datetime: no value per item"):
+        copy_chip_rows(("item_no", "datetime"), [table])
+    parts, rows = copy_chip_rows(("item_no", "chip_index_x"), [table, table])
+    assert rows == 2
+    # Per row: field count 2, then length 4 and value of item_no, length 4 and value of x.
+    expected = b"".join(
+        b"".join(v.to_bytes(size, "big") for v, size in ((2, 2), (4, 4), (n, 4), (4, 4), (0, 4)))
+        for n in (0, 1)
+    )
+    assert b"".join(parts)[19:-2] == expected  # between the header and the trailer
+
+
 def _slow_inserts(url: str) -> None:
     """Slow the bulk load's COPY down (a statement trigger that sleeps `test.sleep` seconds,
     on request only), so that other sessions surely arrive while the table is locked."""
