@@ -1,10 +1,10 @@
 """`stacchip-db index` and `stacchip-db export-index`: STAC items in, chip index in and out.
 
 `index` reads STAC items (JSON files, ndjson files, http(s)/s3 URLs), computes each item's
-chips with `index.index_item` and stores items and chips with `db.store.ItemWriter`, which
+chips with `index.index_item` and stores items and chips with `db.writer.ItemWriter`, which
 batches many items per transaction and writes on a background thread while the next items are
 indexed. With `--bulk` (automatic when stacchip.chips is empty) every item is indexed first and
-then loaded by `db.store.bulk_load` in one transaction that rebuilds the table's indexes once.
+then loaded by `db.bulk.bulk_load` in one transaction that rebuilds the table's indexes once.
 A bad item is reported (one line, with its id) and skipped; the exit code is 1 when any item
 failed. Heavy modules (numpy, rasterio, pyproj, the store) are imported inside the
 commands so that `stacchip-db --help` and the other commands start fast.
@@ -361,7 +361,7 @@ def index(
     one transaction that locks stacchip.chips exclusively and rebuilds its indexes once: bad
     items are still reported and skipped, but the load itself is all or nothing.
     """
-    from stacchip_db.db.store import chips_table_is_empty
+    from stacchip_db.db.bulk import chips_table_is_empty
 
     started = time.perf_counter()
     summary = Summary()
@@ -426,7 +426,7 @@ def _indexed(
     The quality rule each item used is counted in `summary.quality`; `index_item`'s warnings
     (auto found no quality band) are collected once each, one per collection.
     """
-    from stacchip_db.db.store import check_item
+    from stacchip_db.db.items import check_item
     from stacchip_db.grid import item_georeference
     from stacchip_db.index import index_item, quality_used
     from stacchip_db.quality import NoQualityBandWarning
@@ -474,7 +474,7 @@ def _batched(
     errors: list[tuple[str, str]],
 ) -> None:
     """The normal path: batches of items stored by `ItemWriter` while the next are indexed."""
-    from stacchip_db.db.store import ItemWriter
+    from stacchip_db.db.writer import ItemWriter
 
     with (
         ItemWriter(
@@ -505,7 +505,8 @@ def _bulk(
     errors: list[tuple[str, str]],
 ) -> None:
     """The bulk path: index every item, then one `bulk_load` (all or nothing)."""
-    from stacchip_db.db.store import bulk_load, check_item
+    from stacchip_db.db.bulk import bulk_load
+    from stacchip_db.db.items import check_item
 
     clock = time.perf_counter()
     pairs: list[tuple[dict[str, Any], Any]] = []

@@ -36,7 +36,8 @@ from pystac_client import Client
 
 from stacchip_db import storage
 from stacchip_db.db import Database, translate_errors
-from stacchip_db.db.store import check_ids, store_item
+from stacchip_db.db.items import check_ids
+from stacchip_db.db.store import store_item
 from stacchip_db.errors import DatabaseUnavailable, StacchipError
 from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS
 from stacchip_db.index import MAX_NODATA, index_item
