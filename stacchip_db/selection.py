@@ -27,6 +27,7 @@ import pyarrow as pa
 import shapely
 from psycopg import sql
 
+from stacchip_db.chip_schema import chip_field
 from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
 from stacchip_db.errors import StacchipError
 
@@ -276,20 +277,7 @@ def build_selection(
 BATCH_ROWS = 10_000
 """Rows `stream_chips` fetches per round trip (and yields per batch)."""
 
-CHIP_SCHEMA = pa.schema(
-    [
-        pa.field("chip_id", pa.string()),
-        pa.field("collection", pa.string()),
-        pa.field("item_id", pa.string()),
-        pa.field("chip_size", pa.int32()),
-        pa.field("chip_index_x", pa.int32()),
-        pa.field("chip_index_y", pa.int32()),
-        pa.field("datetime", pa.timestamp("us", tz="UTC")),
-        pa.field("cloud_fraction", pa.float32()),
-        pa.field("nodata_fraction", pa.float32()),
-        pa.field("geometry", pa.binary()),
-    ]
-)
+CHIP_SCHEMA = pa.schema([chip_field(name) for name in CHIP_COLUMNS])
 """Arrow types of `CHIP_COLUMNS`; `geometry` is ISO WKB (EPSG:4326)."""
 
 
