@@ -146,7 +146,7 @@ class _Options:
 
 
 def index_items(
-    sources: Iterable[str | os.PathLike[str]],
+    sources: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
     database: Database | str,
     *,
     collection: str | None = None,
@@ -165,11 +165,12 @@ def index_items(
     """Index the STAC items of `sources` and store items and chips in `database`.
 
     `sources`: paths of STAC item JSON files, FeatureCollections, ndjson files, folders of
-    them (`item_sources.expand_sources`) and http(s)/`s3://` URLs. `database`: a `Database` or
-    a libpq URL, initialised (`stacchip-db db init`). Each item gets `collection` when it has
-    none, its chips from `index.index_item` (`quality`, `quality_asset`, `chip_size`,
-    `max_nodata`, `max_chips`; None: no bound), and is upserted into pgstac with its chip rows
-    at `chip_size` replaced; `strict` and `on_conflict` are `db.store`'s.
+    them (`item_sources.expand_sources`) and http(s)/`s3://` URLs, or one alone. `database`: a
+    `Database` or a libpq URL, initialised (`stacchip-db db init`). Each item gets
+    `collection` when it has none, its chips from `index.index_item` (`quality`,
+    `quality_asset`, `chip_size`, `max_nodata`, `max_chips`; None: no bound), and is upserted
+    into pgstac with its chip rows at `chip_size` replaced; `strict` and `on_conflict` are
+    `db.store`'s.
 
     `bulk`: True loads all items in one transaction that locks stacchip.chips exclusively
     and rebuilds its indexes once (`db.store.bulk_load`, all or nothing); False stores batches
@@ -196,6 +197,8 @@ def index_items(
         strict=strict,
         on_conflict=_on_conflict(on_conflict),
     )
+    if isinstance(sources, str | os.PathLike):  # one source, not the characters of its name
+        sources = [sources]
     paths = expand_sources(sources)
     db = database if isinstance(database, Database) else Database(database)
     summary = IndexSummary()

@@ -78,7 +78,7 @@ def test_index_items_batched_on_several_writers_and_ignore(
 ) -> None:
     items = _naip(fixtures_dir, 6)
     first = _ndjson(tmp_path / "first.ndjson", items[:3])
-    index_items([first], Database(database_url), quality="none", chip_size=CHIP_SIZE)
+    index_items(first, Database(database_url), quality="none", chip_size=CHIP_SIZE)  # one alone
     folder = tmp_path / "folder"
     folder.mkdir()
     for n, item in enumerate(items):
