@@ -9,30 +9,27 @@ one pasteable string with the values inlined (`--sql`). Every query returns `CHI
 Other commands (prechip, stats, preview, map) build their selection here and wrap it:
 `SELECT … FROM ({selection.query}) AS chips`.
 
-Time bounds are half-open in SQL (`start_time <= datetime < end_time`); `parse_end` turns an
-inclusive user bound (a date: that whole day) into the exclusive one.
+Time bounds are half-open in SQL (`start_time <= datetime < end_time`); the CLI's `parse_end`
+(`cli/selection_options.py`, where option text is parsed) turns an inclusive user bound (a
+date: that whole day) into the exclusive one.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
-from pathlib import Path
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import psycopg
 import pyarrow as pa
 import shapely
 from psycopg import sql
-from shapely.errors import GEOSException
-from shapely.geometry import shape
 
+from stacchip_db.chip_schema import chip_field
 from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
 from stacchip_db.errors import StacchipError
-from stacchip_db.text import first_line
 
 CHIP_COLUMNS = (
     "chip_id",
@@ -280,20 +277,7 @@ def build_selection(
 BATCH_ROWS = 10_000
 """Rows `stream_chips` fetches per round trip (and yields per batch)."""
 
-CHIP_SCHEMA = pa.schema(
-    [
-        pa.field("chip_id", pa.string()),
-        pa.field("collection", pa.string()),
-        pa.field("item_id", pa.string()),
-        pa.field("chip_size", pa.int32()),
-        pa.field("chip_index_x", pa.int32()),
-        pa.field("chip_index_y", pa.int32()),
-        pa.field("datetime", pa.timestamp("us", tz="UTC")),
-        pa.field("cloud_fraction", pa.float32()),
-        pa.field("nodata_fraction", pa.float32()),
-        pa.field("geometry", pa.binary()),
-    ]
-)
+CHIP_SCHEMA = pa.schema([chip_field(name) for name in CHIP_COLUMNS])
 """Arrow types of `CHIP_COLUMNS`; `geometry` is ISO WKB (EPSG:4326)."""
 
 
@@ -540,7 +524,7 @@ def _split_reason(conn: psycopg.Connection, f: ChipFilter) -> str | None:
     )
 
 
-# -- parsing user input (shared by the CLI options and Python callers) ------------------------
+# -- checking typed values (ChipFilter, Sampling) ---------------------------------------------
 
 
 def check_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
@@ -563,92 +547,6 @@ def check_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
     return minx, miny, maxx, maxy
 
 
-def parse_bbox(text: str) -> tuple[float, float, float, float]:
-    """`minx,miny,maxx,maxy` (degrees) -> a checked tuple."""
-    try:
-        values = [float(part) for part in text.replace(" ", "").split(",")]
-    except ValueError as exc:
-        raise SelectionError(
-            f"bbox {text!r} is not four numbers minx,miny,maxx,maxy (degrees)"
-        ) from exc
-    return check_bbox(values)
-
-
-def _parse_instant(text: str) -> tuple[datetime, bool]:
-    """An ISO date or datetime (naive = UTC); the flag says whether it was a date alone."""
-    value = text.strip()
-    try:
-        if len(value) == 4 and value.isdigit():  # a year alone
-            return datetime(int(value), 1, 1, tzinfo=UTC), True
-        if len(value) <= 10:
-            day = date.fromisoformat(value)
-            return datetime.combine(day, time(), tzinfo=UTC), True
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise SelectionError(
-            f"{text!r} is not a date or datetime (2021-06-30, 2021-06-30T12:00:00Z, 2021)"
-        ) from exc
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)), False
-
-
-def parse_start(text: str) -> datetime:
-    """An inclusive lower bound: a year, a date (from its midnight, UTC) or a datetime."""
-    return _parse_instant(text)[0]
-
-
-def parse_end(text: str) -> datetime:
-    """An inclusive upper bound, returned exclusive: a year or date includes all of it."""
-    moment, whole = _parse_instant(text)
-    value = text.strip()
-    try:  # the exclusive bound is one year/day/microsecond later: past datetime.max for 9999
-        if whole and len(value) == 4:
-            return moment.replace(year=moment.year + 1)
-        return moment + (timedelta(days=1) if whole else timedelta(microseconds=1))
-    except (ValueError, OverflowError) as exc:
-        raise SelectionError(
-            f"end {text!r} is past the last date that can be given (9999-12-30); give an "
-            "earlier end or leave the end open"
-        ) from exc
-
-
-def parse_interval(text: str) -> tuple[datetime | None, datetime | None]:
-    """A STAC-style interval `START/END` (either end `..` or empty = open), or one date/year."""
-    if "/" not in text:
-        return parse_start(text), parse_end(text)
-    start_text, _, end_text = text.partition("/")
-    start = None if start_text.strip() in ("", "..") else parse_start(start_text)
-    end = None if end_text.strip() in ("", "..") else parse_end(end_text)
-    if start is None and end is None:
-        raise SelectionError(f"interval {text!r} is open at both ends: give a start or an end")
-    if start is not None and end is not None and start >= end:
-        raise SelectionError(
-            f"interval {text!r} is empty: it ends ({end_text.strip()}, inclusive) before it "
-            f"starts ({start_text.strip()}); give the earlier date first"
-        )
-    return start, end
-
-
-def parse_int_list(text: str, what: str, low: int, high: int) -> tuple[int, ...]:
-    """`6,7,8` -> (6, 7, 8), each within low..high."""
-    try:
-        values = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError as exc:
-        raise SelectionError(f"{what} {text!r} is not a comma-separated list of numbers") from exc
-    if not values:
-        raise SelectionError(f"{what} is empty: give numbers {low}-{high}")
-    _check_range(what, values, low, high)
-    return values
-
-
-def parse_split_fractions(text: str) -> tuple[float, float, float]:
-    """`0.8,0.1,0.1` -> train, val, test fractions (non-negative, summing to 1)."""
-    try:
-        values = tuple(float(part) for part in text.replace(" ", "").split(","))
-    except ValueError as exc:
-        raise SelectionError(f"split fractions {text!r} are not three numbers") from exc
-    return check_split_fractions(values)
-
-
 def check_split_fractions(values: Sequence[float]) -> tuple[float, float, float]:
     if len(values) != 3:
         raise SelectionError(
@@ -662,49 +560,6 @@ def check_split_fractions(values: Sequence[float]) -> tuple[float, float, float]
             "(e.g. 0.8,0.1,0.1)"
         )
     return float(values[0]), float(values[1]), float(values[2])
-
-
-def read_geometry(path: str | Path) -> str:
-    """The union of the geometries in a file, as WKT in EPSG:4326.
-
-    `.wkt`/`.txt`: WKT in lon/lat. `.json`/`.geojson`: a GeoJSON geometry, Feature or
-    FeatureCollection (lon/lat by RFC 7946). Anything else geopandas reads (GeoPackage,
-    FlatGeobuf, Shapefile…) is reprojected from its own CRS.
-    """
-    source = Path(path)
-    if not source.is_file():
-        raise SelectionError(f"geometry file {source} does not exist")
-    suffix = source.suffix.lower()
-    try:
-        if suffix in (".wkt", ".txt"):
-            geometry = shapely.from_wkt(source.read_text().strip())
-        elif suffix in (".json", ".geojson"):
-            geometry = _geojson_geometry(json.loads(source.read_text()))
-        else:
-            import geopandas  # only here: a second of import time the other paths do not pay
-
-            frame = geopandas.read_file(source)
-            if frame.crs is not None:
-                frame = frame.to_crs(4326)
-            geometry = shapely.union_all(frame.geometry.values)
-    except (GEOSException, ValueError, KeyError, TypeError, OSError) as exc:
-        raise SelectionError(
-            f"geometry file {source} could not be read ({first_line(exc)}): give WKT, "
-            "GeoJSON or a vector file geopandas reads"
-        ) from exc
-    if geometry is None or geometry.is_empty:
-        raise SelectionError(f"geometry file {source} holds no geometry")
-    return shapely.to_wkt(geometry, rounding_precision=-1)
-
-
-def _geojson_geometry(document: dict[str, Any]) -> shapely.Geometry:
-    kind = document.get("type")
-    if kind == "FeatureCollection":
-        shapes = [_geojson_geometry(f) for f in document.get("features", [])]
-        return shapely.union_all(shapes) if shapes else None
-    if kind == "Feature":
-        return shape(document["geometry"])
-    return shape(document)
 
 
 def _check_range(what: str, values: Sequence[int], low: int, high: int) -> None:

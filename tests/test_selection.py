@@ -16,6 +16,13 @@ import pyarrow as pa
 import pytest
 import shapely
 
+from stacchip_db.cli.selection_options import (
+    parse_bbox,
+    parse_end,
+    parse_interval,
+    parse_start,
+    read_geometry,
+)
 from stacchip_db.db.store import store_item
 from stacchip_db.selection import (
     CHIP_COLUMNS,
@@ -24,11 +31,6 @@ from stacchip_db.selection import (
     SelectionError,
     build_selection,
     fetch_chips,
-    parse_bbox,
-    parse_end,
-    parse_interval,
-    parse_start,
-    read_geometry,
 )
 
 

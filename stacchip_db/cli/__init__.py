@@ -42,8 +42,11 @@ PARAMETER_FLAGS = {
     "`quality_asset`": "--quality-asset",
     "`chip_size`": "--chip-size",
     "`max_chips`": "--max-chips",
+    "`sources`": "PATH_OR_URL",
+    "`collection`": "--collection",
 }
-"""Library messages name the Python parameter in backticks; the CLI names its flag instead."""
+"""Library messages name the Python parameter in backticks; the CLI names its flag (or
+argument) instead."""
 
 
 def in_cli_words(text: str) -> str:

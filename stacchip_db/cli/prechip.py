@@ -4,14 +4,14 @@ with `stats`, `preview` and `map`."""
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from stacchip_db.cli.options import CliContext, sign_option, with_database
+from stacchip_db.cli.options import sign_option, with_database
+from stacchip_db.cli.progress import progress_bar
 from stacchip_db.cli.selection_options import selection_options, warn_empty
 from stacchip_db.dataset import STATEMENT_TIMEOUT_S, ChipSelection, load_selection
 from stacchip_db.db import Database
@@ -105,49 +105,6 @@ def band_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return bands(platform(func))
 
 
-def quiet() -> bool:
-    """True under `stacchip-db -q`."""
-    cli = click.get_current_context().find_object(CliContext)
-    return bool(cli and cli.quiet)
-
-
-class ChipProgress:
-    """A progress bar on stderr counting chips, with the rate; silent under -q."""
-
-    def __init__(self, label: str, quiet: bool) -> None:
-        self.label = label
-        self.quiet = quiet
-        self.bar: Any = None
-        self.done = 0
-        self.started = time.perf_counter()
-
-    def start(self, total: int) -> None:
-        if self.quiet or total == 0:
-            return
-        self.bar = click.progressbar(
-            length=total,
-            label=self.label,
-            file=sys.stderr,
-            show_pos=True,
-            item_show_func=lambda _: self._rate(),
-        )
-        self.bar.__enter__()
-
-    def _rate(self) -> str:
-        elapsed = time.perf_counter() - self.started
-        return f"{self.done / elapsed:.1f} chips/s" if elapsed > 0 else ""
-
-    def advance(self, chips: int) -> None:
-        self.done += chips
-        if self.bar is not None:
-            self.bar.update(chips, current_item=self.done)
-
-    def finish(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
 @click.command()
 @chip_source_options
 @click.option("--out", required=True, metavar="DIR|s3://…", help="Where the cubes go.")
@@ -206,8 +163,7 @@ def prechip(
 
     part = shard_from_options(shard, shard_count)
     selection = select(db, query, statement_timeout, chip_filter, sampling)
-    progress = ChipProgress("prechip", quiet())
-    try:
+    with progress_bar("prechip", unit="chips") as progress:
         summary = export_cubes(
             selection,
             out,
@@ -222,8 +178,6 @@ def prechip(
             progress=progress.advance,
             on_plan=progress.start,
         )
-    finally:
-        progress.finish()
     where = f" (shard {part.index}/{part.count})" if part else ""
     click.echo(f"{summary.describe()}{where}; output in {out}")
     if summary.failed:

@@ -61,7 +61,7 @@ def check_item(item: Any) -> tuple[str, str, datetime]:
     collection = item.get("collection")
     if not isinstance(collection, str) or not collection:
         raise ItemError(
-            f"item {item_id}: no collection; set `collection` in the item or pass --collection"
+            f"item {item_id}: no collection; set \"collection\" in the item or pass `collection`"
         )
     check_ids(collection, item_id)
     if item.get("type") != "Feature":
