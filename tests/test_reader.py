@@ -12,8 +12,8 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from stacchip_db.read_engine import DatasetCache
 from stacchip_db.reader import (
-    DatasetCache,
     _lanes,
     plan_reads,
     read_chip,

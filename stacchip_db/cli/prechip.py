@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,6 +18,9 @@ from stacchip_db.db import Database
 from stacchip_db.errors import ConfigError
 from stacchip_db.selection import ChipFilter, Sampling, build_selection
 from stacchip_db.sensors import SENSORS
+
+if TYPE_CHECKING:
+    from stacchip_db.prechip import Shard
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,22 @@ def band_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return bands(platform(func))
 
 
+def _shard_of(shard: str | None, shard_count: int | None) -> Shard | None:
+    """The part to write: `--shard I/N`, else the AWS Batch array job's (N from
+    `--shard-count` or the job's size: `batch.array_job_shard`); None for all of it."""
+    from stacchip_db.batch import INDEX_ENV, array_job_shard
+    from stacchip_db.prechip import Shard
+
+    if shard is not None:
+        try:
+            index, count = (int(v) for v in shard.split("/"))
+        except ValueError as e:
+            raise ConfigError(f"--shard {shard!r} is not I/N (e.g. 0/4)") from e
+        return Shard.checked(index, count, f"--shard {shard}")
+    job = array_job_shard(shard_count)
+    return None if job is None else Shard.checked(*job, INDEX_ENV)
+
+
 @click.command()
 @chip_source_options
 @click.option("--out", required=True, metavar="DIR|s3://…", help="Where the cubes go.")
@@ -159,9 +178,9 @@ def prechip(
 
     Exit status 3 when some chips could not be read (they are named on stderr and left out).
     """
-    from stacchip_db.prechip import export_cubes, shard_from_options
+    from stacchip_db.prechip import export_cubes
 
-    part = shard_from_options(shard, shard_count)
+    part = _shard_of(shard, shard_count)
     selection = select(db, query, statement_timeout, chip_filter, sampling)
     with progress_bar("prechip", unit="chips") as progress:
         summary = export_cubes(
@@ -172,7 +191,8 @@ def prechip(
             platform=platform,
             jobs=jobs,
             lanes=threads,
-            shard=part,
+            shard_index=part.index if part else None,
+            shard_count=part.count if part else None,
             keep_partial=keep_partial,
             compress=compress,
             progress=progress.advance,
