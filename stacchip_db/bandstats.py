@@ -80,7 +80,7 @@ class BandStats:
         if pixels.shape[1] != len(bands):
             raise StatsError(
                 f"pixels have {pixels.shape[1]} bands but {len(bands)} band names were given "
-                f"({', '.join(bands)}); pass --bands matching the data"
+                f"({', '.join(bands)}); pass `bands` matching the data"
             )
         stats = cls.empty(bands)
         for c in range(len(bands)):  # one band at a time: float64 copies of one band only

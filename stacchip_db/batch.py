@@ -62,7 +62,7 @@ def array_job_shard(
     count_text = shard_count if shard_count is not None else environ.get(ARRAY_SIZE_ENV)
     if count_text is None:
         raise ConfigError(
-            f"{INDEX_ENV} is set but the number of shards is not: pass --shard-count N "
+            f"{INDEX_ENV} is set but the number of shards is not: pass `shard_count` N "
             f"or set {ARRAY_SIZE_ENV}"
         )
     try:

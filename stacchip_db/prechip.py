@@ -124,7 +124,7 @@ def plan_cubes(
 ) -> list[CubePlan]:
     """Every cube of the selection, collections in name order (see the module doc)."""
     if cube_size < 1:
-        raise ConfigError(f"--cube-size {cube_size} is not a positive number of chips")
+        raise ConfigError(f"`cube_size` {cube_size} is not a positive number of chips")
     plans: list[CubePlan] = []
     rows = sorted(selection.rows, key=_sort_key)
     for collection, group in groupby(rows, key=lambda r: r.collection):
@@ -287,7 +287,7 @@ class PrechipSummary:
         if self.planned != self.selected:
             text += f"; {self.planned} in this run's cubes"
         if self.not_in_full_cube:
-            text += f"; {self.not_in_full_cube} left over in a partial cube (--keep-partial)"
+            text += f"; {self.not_in_full_cube} left over in a partial cube (`keep_partial`)"
         if self.failed:
             text += f"; {plural(self.failed, 'chip')} could not be read and were left out"
         if self.unsafe_names:
@@ -321,7 +321,7 @@ def export_cubes(
     """
     started = time.perf_counter()
     if jobs < 1:
-        raise ConfigError(f"--jobs {jobs} is not a positive number of processes")
+        raise ConfigError(f"`jobs` {jobs} is not a positive number of processes")
     shard = _shard(shard_index, shard_count)
     store = CubeStore(out)
     plans = plan_cubes(

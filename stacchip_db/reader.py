@@ -75,7 +75,7 @@ def plan_reads(item: Any, bands: Sequence[str]) -> list[AssetRead]:
     if missing:
         raise BandError(
             f"item {view.id}: no asset or named band for {', '.join(missing)} (assets: "
-            f"{', '.join(sorted(view.assets))}); pass --bands with names the item has"
+            f"{', '.join(sorted(view.assets))}); pass `bands` with names the item has"
         )
     reads: dict[str, tuple[list[int], list[int]]] = {}
     for position, band in enumerate(bands):

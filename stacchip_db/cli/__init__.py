@@ -44,6 +44,16 @@ PARAMETER_FLAGS = {
     "`max_chips`": "--max-chips",
     "`sources`": "PATH_OR_URL",
     "`collection`": "--collection",
+    "`index`": "--index",
+    "`prefix`": "--prefix",
+    "`stac_api`": "--stac-api",
+    "`bands`": "--bands",
+    "`platform`": "--platform",
+    "`shard_count`": "--shard-count",
+    "`keep_partial`": "--keep-partial",
+    "`cube_size`": "--cube-size",
+    "`jobs`": "--jobs",
+    "`bulk`": "--bulk",
 }
 """Library messages name the Python parameter in backticks; the CLI names its flag (or
 argument) instead."""

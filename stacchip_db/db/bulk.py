@@ -111,7 +111,7 @@ def table_definitions(conn: psycopg.Connection, table: str = CHIPS_TABLE) -> Tab
         name, other = referenced[0]
         raise StoreError(
             f"{table} is referenced by foreign key {name} of {other}; the bulk load cannot drop "
-            "its key: index without --bulk"
+            "its key: store without `bulk`"
         )
     constraints = conn.execute(
         """

@@ -82,7 +82,7 @@ def tile_for(index: int) -> tuple[int, int]:
     if not 0 <= index < len(SIN_GRID_TILES):
         raise TileIndexError(
             f"job index {index} is out of range: the MODIS processor has {len(SIN_GRID_TILES)} "
-            f"sinusoidal tiles (indexes 0-{len(SIN_GRID_TILES) - 1}); use a smaller --index"
+            f"sinusoidal tiles (indexes 0-{len(SIN_GRID_TILES) - 1}); use a smaller `index`"
         )
     return SIN_GRID_TILES[index]
 
