@@ -28,7 +28,7 @@ from stacchip_db.db.connection import Database
 from stacchip_db.db.items import check_item
 from stacchip_db.db.store import OnConflict, StoreResult
 from stacchip_db.db.writer import ItemFailure, ItemWriter
-from stacchip_db.errors import ConfigError, StacchipError
+from stacchip_db.errors import ConfigError, StacchipError, item_failure_line
 from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS, item_georeference
 from stacchip_db.index import MAX_NODATA, index_item, quality_used
 from stacchip_db.item_sources import count_items, expand_sources, read_items
@@ -233,20 +233,6 @@ def _on_conflict(value: OnConflict | str) -> OnConflict:
         raise ConfigError(f"`on_conflict` {value!r} is not one of {choices}") from None
 
 
-def _failure(name: str, message: str) -> ItemFailure:
-    """One line naming the item (messages that do not name it already get `item {name}: `)."""
-    text = " ".join(message.split())
-    return ItemFailure(name, text if name in text else f"item {name}: {text}")
-
-
-def _item_error(error: Exception) -> str:
-    """What went wrong with one item; an error that is not ours keeps its type's name."""
-    if isinstance(error, StacchipError):
-        return str(error)
-    log.debug("indexing an item failed", exc_info=error)  # -vv: where it came from
-    return f"{type(error).__name__}: {error}"
-
-
 def _indexed(
     sources: tuple[str, ...],
     options: _Options,
@@ -277,7 +263,7 @@ def _indexed(
             (height, width), _, _ = item_georeference(item)
         except Exception as e:  # one bad item, whatever it raises, is reported and skipped
             name = str(item.get("id") or source.where)
-            summary.failed.append(_failure(name, _item_error(e)))
+            summary.failed.append(ItemFailure(name, item_failure_line(e, name)))
             continue
         for warning in caught:
             text = str(warning.message)
@@ -305,7 +291,7 @@ def _batched(
         for item, chips, dropped in items:
             if writer.add(item, chips):
                 summary.dropped_nodata += dropped
-    summary.failed += [_failure(f.item_id, f.message) for f in writer.failures]
+    summary.failed += writer.failures
     summary.add(writer.result)
 
 

@@ -38,7 +38,7 @@ from stacchip_db import storage
 from stacchip_db.db import Database, translate_errors
 from stacchip_db.db.items import check_ids
 from stacchip_db.db.store import store_item
-from stacchip_db.errors import DatabaseUnavailable, StacchipError
+from stacchip_db.errors import DatabaseUnavailable, StacchipError, item_failure_line
 from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS
 from stacchip_db.index import MAX_NODATA, index_item
 from stacchip_db.quality import QualityRule
@@ -348,7 +348,7 @@ def _run_job(processor: Processor, request: JobRequest, db: Database | None) -> 
                 raise
             except Exception as exc:  # one bad scene, whatever it raises, spares the others
                 report.status = "failed"
-                report.error = _scene_error(exc, report.id)
+                report.error = item_failure_line(exc, report.id)
                 failed.append(report)
                 log.warning(
                     "%s job %d: scene %d/%d %s (%s) failed, the job goes on: %s",
@@ -439,15 +439,6 @@ def scene_item(processor: Processor, scene: Scene, request: JobRequest) -> dict[
         if link.get("rel") not in ("self", "root", "parent", "collection")
     ]
     return data
-
-
-def _scene_error(error: Exception, item_id: str) -> str:
-    """One line for a failed scene, naming its item; an error not ours keeps its type."""
-    text = " ".join(str(error).split())
-    if not isinstance(error, StacchipError):
-        log.debug("scene %s failed", item_id, exc_info=error)
-        text = f"{type(error).__name__}: {text}"
-    return text if item_id in text else f"item {item_id}: {text}"
 
 
 def asset_path(folder: str, href: str) -> str:
