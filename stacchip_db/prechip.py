@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stacchip_db.chip_schema import CHIP_TYPES, FOOTPRINT_METADATA, chip_field
 from stacchip_db.dataset import ChipRow, ChipSelection, bands_for, clay_norms
 from stacchip_db.errors import ConfigError, StacchipError
 from stacchip_db.paths import is_safe_name
@@ -167,21 +168,8 @@ MANIFEST_SCHEMA = pa.schema(
     [
         pa.field("cube", pa.int32(), nullable=False),
         pa.field("row", pa.int32(), nullable=False),
-        pa.field("chip_id", pa.string(), nullable=False),
-        pa.field("collection", pa.string(), nullable=False),
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("chip_size", pa.int32(), nullable=False),
-        pa.field("chip_index_x", pa.int32(), nullable=False),
-        pa.field("chip_index_y", pa.int32(), nullable=False),
-        pa.field("datetime", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("cloud_fraction", pa.float32(), nullable=False),
-        pa.field("nodata_fraction", pa.float32(), nullable=False),
-        pa.field(
-            "geometry",
-            pa.binary(),
-            nullable=False,
-            metadata={b"encoding": b"WKB", b"crs": b"EPSG:4326"},
-        ),
+        *(chip_field(name, nullable=False) for name in CHIP_TYPES if name != "geometry"),
+        chip_field("geometry", nullable=False).with_metadata(FOOTPRINT_METADATA),
     ]
 )
 """Manifest columns: one row per chip written, `(cube, row)` its place in `cube_{cube}.npz`."""
