@@ -114,7 +114,6 @@ AS $$
                 ELSE ST_Transform(g, 4326) END
 $$;
 
-
 -- The filters of every selection function, in call order, each `name type DEFAULT value` (all
 -- optional: NULL = no filter). Written only here: the markers below expand to
 --   filter_parameters     these declarations, in a function's parameter list;
@@ -163,7 +162,8 @@ END
 $$;
 
 -- The row of every selection function: the chip's columns, its id first. (A type of its own,
--- so that the functions do not each spell out the columns.)
+-- so that the functions do not each spell out the columns.) `geometry` without a typmod, as
+-- the former RETURNS TABLE gave it (function results keep none): clients see the same columns.
 DROP TYPE IF EXISTS stacchip.selected_chip;
 CREATE TYPE stacchip.selected_chip AS (
     chip_id text,
