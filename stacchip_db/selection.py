@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -29,6 +29,7 @@ from psycopg import sql
 
 from stacchip_db.chip_schema import chip_field
 from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
+from stacchip_db.db.sql_template import selection_filters
 from stacchip_db.errors import StacchipError
 
 CHIP_COLUMNS = (
@@ -55,6 +56,8 @@ DEFAULT_BLOCK_SIZE = 1.0
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 DEFAULT_CELL_SIZE = 1.0
 """Degrees; the cell of `stratify_by='cell'`."""
+SQL_NAME = "sql"
+"""`ChipFilter` field metadata: the SQL parameter's name, when it is not the field's."""
 
 
 class SelectionError(StacchipError):
@@ -69,13 +72,17 @@ class ChipFilter:
     inclusive and `end` exclusive (see `parse_end`); fractions are 0..1. With `split`, only the
     chips of that split; `split_buffer` (degrees, 0 = strict) drops chips whose footprint grown
     by it crosses the edge of their block.
+
+    Each field is the filter parameter of the same name in `sql/010_selection.sql`'s filter
+    block (or the name in its `SQL_NAME` metadata), which the call passes it to: a new filter
+    is a field here and a line there (tests check that the two lists agree).
     """
 
     collections: tuple[str, ...] = ()
     bbox: tuple[float, float, float, float] | None = None
     intersects: str | None = None
-    start: datetime | None = None
-    end: datetime | None = None
+    start: datetime | None = field(default=None, metadata={SQL_NAME: "start_time"})
+    end: datetime | None = field(default=None, metadata={SQL_NAME: "end_time"})
     months: tuple[int, ...] = ()
     quarters: tuple[int, ...] = ()
     max_cloud: float | None = None
@@ -161,50 +168,44 @@ class SelectionQuery:
 
 # -- building the call ------------------------------------------------------------------------
 
-# (SQL parameter name, SQL type) for each filter argument, in the functions' order.
-_FILTER_ARGUMENTS = (
-    ("collections", "text[]"),
-    ("bbox", "float8[]"),
-    ("intersects", "geometry"),
-    ("start_time", "timestamptz"),
-    ("end_time", "timestamptz"),
-    ("months", "int[]"),
-    ("quarters", "int[]"),
-    ("max_cloud", "real"),
-    ("max_nodata", "real"),
-    ("chip_size", "int"),
-    ("split", "text"),
-    ("block_size", "float8"),
-    ("split_fractions", "float8[]"),
-    ("split_buffer", "float8"),
-)
-_TYPES = dict(_FILTER_ARGUMENTS) | {
-    "n": "int", "seed": "bigint", "stratify_by": "text", "cell_size": "float8"
-}
+# The sampling arguments, before the filters in the functions' parameter lists.
+_SAMPLING_TYPES = {"n": "int", "seed": "bigint", "stratify_by": "text", "cell_size": "float8"}
+
+
+def sql_parameter(chip_filter_field: Field[Any]) -> str:
+    """The SQL filter parameter a `ChipFilter` field is passed to."""
+    return chip_filter_field.metadata.get(SQL_NAME, chip_filter_field.name)
+
+
+def _sql_types() -> dict[str, str]:
+    """SQL parameter -> its type as `sql/010_selection.sql` declares it (the casts of the call)."""
+    return {p.name: p.type for p in selection_filters()} | _SAMPLING_TYPES
+
+
+def _sql_value(value: Any, sql_type: str) -> Any:
+    """A field's value as psycopg should send it to a parameter of `sql_type`."""
+    if isinstance(value, tuple):
+        value = list(value)
+        return [float(v) for v in value] if sql_type.startswith("float8") else value
+    return float(value) if sql_type == "float8" else value
 
 
 def _filter_values(chip_filter: ChipFilter) -> dict[str, Any]:
     """The SQL arguments this filter sets (unset ones are left to the functions' defaults)."""
-    f = chip_filter
-    values: dict[str, Any] = {
-        "collections": list(f.collections) or None,
-        "bbox": [float(v) for v in f.bbox] if f.bbox else None,
-        "intersects": f.intersects,
-        "start_time": f.start,
-        "end_time": f.end,
-        "months": list(f.months) or None,
-        "quarters": list(f.quarters) or None,
-        "max_cloud": f.max_cloud,
-        "max_nodata": f.max_nodata,
-        "chip_size": f.chip_size,
-        "split": f.split,
-    }
-    if f.split is not None or f.split_buffer is not None:
-        values["block_size"] = float(f.block_size)
-        if f.split_fractions != DEFAULT_SPLIT_FRACTIONS:
-            values["split_fractions"] = [float(v) for v in f.split_fractions]
-        values["split_buffer"] = f.split_buffer
-    return {name: value for name, value in values.items() if value is not None}
+    types = _sql_types()
+    values: dict[str, Any] = {}
+    for chip_filter_field in fields(ChipFilter):
+        value = getattr(chip_filter, chip_filter_field.name)
+        if value is None or value == ():
+            continue
+        name = sql_parameter(chip_filter_field)
+        values[name] = _sql_value(value, types[name])
+    # Block size and fractions only shape a split: without one they would be noise in `--sql`.
+    if chip_filter.split is None and chip_filter.split_buffer is None:
+        del values["block_size"], values["split_fractions"]
+    elif chip_filter.split_fractions == DEFAULT_SPLIT_FRACTIONS:
+        del values["split_fractions"]
+    return values
 
 
 def build_selection(
@@ -235,10 +236,13 @@ def build_selection(
         order = sql.SQL("")
     tail = sql.SQL("\nLIMIT {}").format(sql.Literal(limit)) if limit is not None else sql.SQL("")
 
+    types = _sql_types()
+
     def call(value_of: Any) -> sql.Composed:
+        # A geometry comes as WKT in EPSG:4326.
         args = [
             sql.SQL("ST_GeomFromText({}, 4326)").format(value_of(name, value))
-            if name == "intersects"
+            if types[name] == "geometry"
             else value_of(name, value)
             for name, value in arguments.items()
         ]
@@ -254,15 +258,15 @@ def build_selection(
         )
 
     def placeholder(name: str, _value: Any) -> sql.Composable:
-        if name == "intersects":
+        if types[name] == "geometry":
             return sql.Placeholder(name)
-        return sql.SQL("{}::{}").format(sql.Placeholder(name), sql.SQL(_TYPES[name]))
+        return sql.SQL("{}::{}").format(sql.Placeholder(name), sql.SQL(types[name]))
 
     def literal(name: str, value: Any) -> sql.Composable:
         # psycopg writes some literals with a cast already ('…'::timestamptz); add ours if not.
         text = sql.Literal(value).as_string(None)
-        if name != "intersects" and not text.endswith(f"::{_TYPES[name]}"):
-            text = f"{text}::{_TYPES[name]}"
+        if types[name] != "geometry" and not text.endswith(f"::{types[name]}"):
+            text = f"{text}::{types[name]}"
         return sql.SQL(text)
 
     return SelectionQuery(
