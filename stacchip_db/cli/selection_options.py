@@ -15,6 +15,7 @@ typed values `ChipFilter` takes; the library checks those values, it parses no t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable
@@ -179,12 +180,6 @@ def _geojson_geometry(document: dict[str, Any]) -> shapely.Geometry:
 
 # -- the options ------------------------------------------------------------------------------
 
-_FILTER_PARAMS = (
-    "collections", "bbox", "intersects", "start", "end", "datetime_interval", "months",
-    "quarters", "max_cloud", "max_nodata", "chip_size", "split", "block_size",
-    "split_fractions", "split_buffer",
-)
-_SAMPLE_PARAMS = ("sample_n", "seed", "stratify_by", "cell_size")
 _TYPED = "stacchip_db.typed"
 """`click.Context.meta` key: option name -> the text typed, for messages."""
 
@@ -226,26 +221,19 @@ def _time_bounds(kwargs: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _build_filter(kwargs: dict[str, Any]) -> ChipFilter:
-    """Pop the filter options out of a command's kwargs and make the `ChipFilter`."""
+    """Pop the filter options out of a command's kwargs and make the `ChipFilter`.
+
+    Each option is named after its `ChipFilter` field (the one Python list of filters), so a
+    new filter needs its option and nothing here; an option not given keeps the field's
+    default. `--datetime` or `--start`/`--end` become the `start`/`end` fields."""
     start, end = _time_bounds(kwargs)
-    values = {name: kwargs.pop(name) for name in _FILTER_PARAMS if name in kwargs}
+    given = {
+        f.name: value
+        for f in dataclasses.fields(ChipFilter)
+        if f.name in kwargs and (value := kwargs.pop(f.name)) not in (None, ())
+    }
     try:
-        return ChipFilter(
-            collections=tuple(values["collections"]),
-            bbox=values["bbox"],
-            intersects=values["intersects"],
-            start=start,
-            end=end,
-            months=values["months"] or (),
-            quarters=values["quarters"] or (),
-            max_cloud=values["max_cloud"],
-            max_nodata=values["max_nodata"],
-            chip_size=values["chip_size"],
-            split=values["split"],
-            block_size=values["block_size"],
-            split_fractions=values["split_fractions"] or (0.8, 0.1, 0.1),
-            split_buffer=values["split_buffer"],
-        )
+        return ChipFilter(**{**given, "start": start, "end": end})
     except SelectionError as exc:
         # Each option was checked by its callback; what is left spans options: the time range.
         raise _fail(str(exc), "--start/--end/--datetime") from exc
