@@ -45,7 +45,6 @@ from stacchip_db.processors.base import (
     asset_path,
 )
 from stacchip_db.processors.derived import derive_object, open_source, write_array_cog
-from stacchip_db.quality import profile_rule
 from stacchip_db.sensors import collection_profile
 from stacchip_db.text import first_line
 
@@ -155,8 +154,8 @@ class Linz(Processor):
     name = "linz"
     default_stac_api = "s3://nz-imagery"
     default_collection = "linz"
+    profile = PROFILE
     assets = (ASSET,)
-    quality = profile_rule(PROFILE)
     uses_sample_source = False
     searches_stac_api = False
     cli_options = (

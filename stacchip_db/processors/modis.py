@@ -40,7 +40,6 @@ from stacchip_db.processors.base import (
     asset_path,
 )
 from stacchip_db.processors.derived import derive_object, open_source, write_cog
-from stacchip_db.quality import profile_rule
 from stacchip_db.sensors import collection_profile
 from stacchip_db.stac_api import search_one
 
@@ -100,8 +99,7 @@ class Modis(Processor):
     name = "modis"
     default_stac_api = "https://planetarycomputer.microsoft.com/api/stac/v1"
     default_collection = "modis-09A1-061"
-    assets = PROFILE.layout.assets
-    quality = profile_rule(PROFILE)
+    profile = PROFILE
     uses_sample_source = False
 
     def job_source(self, request: JobRequest) -> str:
