@@ -153,8 +153,10 @@ BEGIN
     FOR old IN
         SELECT p.oid FROM pg_proc AS p
         WHERE p.pronamespace = 'stacchip'::regnamespace
-          AND p.proname IN ('select_chips', 'sample_chips', 'sample_chips_stratified',
-                            'sample_chips_stratified_run')
+          AND (p.proname IN ('select_chips', 'sample_chips', 'sample_chips_stratified',
+                             'sample_chips_stratified_run')
+               -- and those of later files returning the row type, which is made anew below
+               OR p.prorettype = to_regtype('stacchip.selected_chip'))
     LOOP
         EXECUTE format('DROP FUNCTION %s', old);
     END LOOP;
@@ -175,7 +177,8 @@ CREATE TYPE stacchip.selected_chip AS (
     datetime timestamptz,
     cloud_fraction real,
     nodata_fraction real,
-    geometry geometry
+    geometry geometry,
+    location bigint  -- last: `SELECT *` callers keep their column positions
 );
 
 -- The chips matching every given filter (see the filter block).
@@ -187,7 +190,7 @@ LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     SELECT stacchip.chip_id(c.item_id, c.chip_index_x, c.chip_index_y),
            c.collection, c.item_id, c.chip_size, c.chip_index_x, c.chip_index_y,
-           c.datetime, c.cloud_fraction, c.nodata_fraction, c.geometry
+           c.datetime, c.cloud_fraction, c.nodata_fraction, c.geometry, c.location
     FROM stacchip.chips AS c
     WHERE (select_chips.collections IS NULL OR c.collection = ANY (select_chips.collections))
       AND (select_chips.bbox IS NULL OR ST_Intersects(c.geometry, ST_MakeEnvelope(

@@ -24,9 +24,12 @@ CHIP_TYPES: dict[str, pa.DataType] = {
     "datetime": pa.timestamp("us", tz="UTC"),
     "cloud_fraction": pa.float32(),
     "nodata_fraction": pa.float32(),
+    "location": pa.int64(),
     "geometry": pa.binary(),
 }
-"""Column -> Arrow type. Fractions are 0..1; `geometry` is the footprint as WKB in EPSG:4326."""
+"""Column -> Arrow type. Fractions are 0..1; `location` is the chip's location key (chips of one
+place on one pixel grid share it, `grid.grid_locations`); `geometry` is the footprint as WKB in
+EPSG:4326."""
 
 FOOTPRINT_METADATA = {b"encoding": b"WKB", b"crs": b"EPSG:4326"}
 """Field metadata that says what the `geometry` bytes are, for files read by other tools."""

@@ -28,6 +28,7 @@ not one transform per chip.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -423,6 +424,10 @@ class ChipGrid:
         records["xy"] = rings.reshape(len(rings), 10)
         return records.view(f"V{_POLYGON_WKB.itemsize}").astype(object)
 
+    def locations(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """The location keys of chips `(xs, ys)` of this grid, int64 (`location_key`)."""
+        return grid_locations(self.crs, self.transform, self.chip_size, xs, ys)
+
     def alignment(self, transform: Affine, *, asset: str = "asset") -> tuple[int, int, int, int]:
         """`(fx, fy, col0, row0)` of another pixel grid relative to this one.
 
@@ -587,3 +592,64 @@ def outside_footprint(grid: ChipGrid, item: Any) -> Any:
     chipped = shapely.Polygon([t @ (0, 0), t @ (width, 0), t @ (width, height), t @ (0, height)])
     outside = chipped.difference(native)
     return None if outside.is_empty else outside
+
+
+# -- chip locations -----------------------------------------------------------------------------
+
+LOCATION_DECIMALS = 6
+"""Decimals (of a CRS unit: micrometres) of the numbers in a location's text: far below a
+pixel, far above the float noise of transforms written by different tools."""
+
+
+@lru_cache(maxsize=32)
+def crs_name(crs: pyproj.CRS) -> str:
+    """The CRS as a location's text names it: `EPSG:<code>` when it has one, else its WKT2.
+
+    By code rather than by text, so that `proj:epsg`, `proj:code` and a WKT of one EPSG CRS
+    name the same place; cached (finding the code takes milliseconds).
+    """
+    code = crs.to_epsg()
+    return f"EPSG:{code}" if code is not None else crs.to_wkt()
+
+
+def _number(value: float) -> str:
+    rounded = round(float(value), LOCATION_DECIMALS) + 0.0  # + 0.0: no "-0.000000"
+    return f"{rounded:.{LOCATION_DECIMALS}f}"
+
+
+def location_text(crs: pyproj.CRS, transform: Affine, chip_size: int, x: float, y: float) -> str:
+    """The canonical text of a chip location: CRS, pixel size and orientation (the transform's
+    a, b, d, e), chip size in pixels, and the chip's top-left corner `(x, y)` in CRS units:
+    `EPSG:32633|10.000000|0.000000|0.000000|-10.000000|256|399960.000000|5000040.000000`."""
+    pixel = "|".join(_number(v) for v in (transform.a, transform.b, transform.d, transform.e))
+    return f"{crs_name(crs)}|{pixel}|{int(chip_size)}|{_number(x)}|{_number(y)}"
+
+
+def location_key(text: str) -> int:
+    """The first 64 bits of md5 of `text`, as a signed bigint (as SQL's
+    `('x' || substr(md5(text), 1, 16))::bit(64)::bigint`)."""
+    return int.from_bytes(hashlib.md5(text.encode()).digest()[:8], "big", signed=True)
+
+
+def grid_locations(
+    crs: pyproj.CRS, transform: Affine, chip_size: int, xs: np.ndarray, ys: np.ndarray
+) -> np.ndarray:
+    """Location keys (int64) of chips `(xs, ys)` of the grid `transform` in `crs`.
+
+    Chips with the same CRS, pixel size, chip size and top-left corner cover the same ground
+    on the same pixels, whatever their item or date, and so have the same key: two dates of one
+    Sentinel-2 tile share every location; another tile, CRS, or chip size shares none.
+    """
+    cols = np.asarray(xs, dtype=np.float64) * chip_size
+    rows = np.asarray(ys, dtype=np.float64) * chip_size
+    t = transform
+    corner_x = t.a * cols + t.b * rows + t.c
+    corner_y = t.d * cols + t.e * rows + t.f
+    return np.fromiter(
+        (
+            location_key(location_text(crs, transform, chip_size, cx, cy))
+            for cx, cy in zip(corner_x.tolist(), corner_y.tolist(), strict=True)
+        ),
+        dtype=np.int64,
+        count=len(cols),
+    )

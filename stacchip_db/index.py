@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from stacchip_db.chip_schema import FOOTPRINT_METADATA, chip_field
 from stacchip_db.errors import StacchipError
-from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS, chip_grid, item_view
+from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS, GridError, chip_grid, item_view, location_key
 from stacchip_db.quality import NoQualityBandWarning, QualityRule, chip_fractions, choose_rule
 
 CHIP_SCHEMA = pa.schema(
@@ -25,11 +25,13 @@ CHIP_SCHEMA = pa.schema(
         chip_field("chip_index_y", nullable=False),
         chip_field("cloud_fraction", nullable=False),
         chip_field("nodata_fraction", nullable=False),
+        chip_field("location", nullable=False),
         chip_field("geometry", nullable=False).with_metadata(FOOTPRINT_METADATA),
     ]
 )
 """Columns of `index_item`'s table (types from `chip_schema`; the `db` layer adds the key and
-the datetime): fractions are 0..1, geometry is a WKB Polygon in EPSG:4326."""
+the datetime): fractions are 0..1, `location` the chip's location key (`grid.grid_locations`),
+geometry is a WKB Polygon in EPSG:4326."""
 
 MAX_NODATA = 0.5
 """Default: chips with more than half their pixels without data are not indexed."""
@@ -73,6 +75,7 @@ def index_item(
             _fixed_width(ys[keep], pa.int32(), np.int32),
             _fixed_width(cloud[keep], pa.float32(), np.float32),
             _fixed_width(nodata[keep], pa.float32(), np.float32),
+            _fixed_width(grid.locations(xs[keep], ys[keep]), pa.int64(), np.int64),
             _binary(footprints),
         ],
         schema=CHIP_SCHEMA.with_metadata(
@@ -83,6 +86,38 @@ def index_item(
                 QUALITY_FOUND_KEY: "true" if choice.found else "false",
             }
         ),
+    )
+
+
+def chip_locations(
+    item: Any, chip_size: int, xs: np.ndarray, ys: np.ndarray
+) -> np.ndarray:
+    """Location keys (int64) of chips `(xs, ys)` of `item` at `chip_size`: from its pixel grid
+    (`grid.grid_locations`), as `index_item` computes them.
+
+    Chips of an item without a usable grid (no projection fields: rows stored from a table made
+    by hand or by another tool) get the hash of their own key (`key_locations`), so they share
+    a location with no other chip.
+    """
+    view = item_view(item)
+    try:
+        grid = chip_grid(view, chip_size=chip_size, max_chips=None)
+    except GridError:
+        return key_locations(view.collection, view.id, chip_size, xs, ys)
+    return grid.locations(xs, ys)
+
+
+def key_locations(
+    collection: str, item_id: str, chip_size: int, xs: np.ndarray, ys: np.ndarray
+) -> np.ndarray:
+    """The location keys of chips whose grid is unknown: md5 of their key, as SQL's
+    `stacchip.chip_sample_key` (alembic 0003) computes it."""
+    head = f"{collection}|{item_id}|{int(chip_size)}|"
+    return np.fromiter(
+        (location_key(f"{head}{x}|{y}") for x, y in zip(np.asarray(xs).tolist(),
+                                                        np.asarray(ys).tolist(), strict=True)),
+        dtype=np.int64,
+        count=len(xs),
     )
 
 

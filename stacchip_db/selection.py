@@ -51,6 +51,8 @@ CHIP_KEY = ("collection", "item_id", "chip_size", "chip_index_x", "chip_index_y"
 
 SPLITS = ("train", "val", "test")
 STRATA = ("collection", "year", "quarter", "cell")
+LOCATION_STRATA = ("collection", "cell")
+"""Strata of a sample of places: a place spans dates, so years and quarters do not apply."""
 DEFAULT_BLOCK_SIZE = 1.0
 """Degrees; a block is the unit that goes whole into one split."""
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -127,12 +129,17 @@ class ChipFilter:
 
 @dataclass(frozen=True)
 class Sampling:
-    """A reproducible sample of `n` chips without replacement, optionally stratified."""
+    """A reproducible sample of `n` chips without replacement, optionally stratified.
+
+    With `by_location`, `n` places (`stacchip.chips.location`), each with all its chips that
+    pass the filters (`stacchip.sample_locations`); strata are then `LOCATION_STRATA`.
+    """
 
     n: int
     seed: int = 0
     stratify_by: str | None = None
     cell_size: float = DEFAULT_CELL_SIZE
+    by_location: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 0:
@@ -144,6 +151,12 @@ class Sampling:
                 f"stratify by {self.stratify_by!r}: choose one of {', '.join(STRATA)}"
             )
         _check_degrees("cell size", self.cell_size)
+        if self.by_location and self.stratify_by not in (None, *LOCATION_STRATA):
+            raise SelectionError(
+                f"`stratify_by` {self.stratify_by!r} does not apply to a sample of places (a "
+                f"place spans dates): stratify by {' or '.join(LOCATION_STRATA)}, or filter "
+                "the dates"
+            )
 
 
 @dataclass(frozen=True)
@@ -227,11 +240,10 @@ def build_selection(
         order = sql.SQL("\nORDER BY {}").format(sql.SQL(", ").join(map(sql.Identifier, CHIP_KEY)))
     else:
         head: dict[str, Any] = {"n": sampling.n, "seed": sampling.seed}
+        function = "sample_locations" if sampling.by_location else "sample_chips"
         if sampling.stratify_by is not None:
-            function = "sample_chips_stratified"
+            function += "_stratified"
             head |= {"stratify_by": sampling.stratify_by, "cell_size": sampling.cell_size}
-        else:
-            function = "sample_chips"
         arguments = head | arguments
         order = sql.SQL("")
     tail = sql.SQL("\nLIMIT {}").format(sql.Literal(limit)) if limit is not None else sql.SQL("")
@@ -276,6 +288,32 @@ def build_selection(
         chip_filter=chip_filter,
         sampling=sampling,
     )
+
+
+def function_call(
+    function: str, chip_filter: ChipFilter, head: dict[str, Any] | None = None
+) -> tuple[sql.Composed, dict[str, Any]]:
+    """`stacchip.{function}(name => %(name)s::type, …)` with `head`'s arguments first, then the
+    filters the `chip_filter` sets, and its parameters: a call of any function that takes the
+    selection filters (`sql/040`'s summaries and audit), as `build_selection` calls its own."""
+    arguments = (head or {}) | _filter_values(chip_filter)
+    types = _sql_types()
+    args = []
+    for name in arguments:
+        if types.get(name) == "geometry":
+            args.append(sql.SQL("ST_GeomFromText({}, 4326)").format(sql.Placeholder(name)))
+        elif name in types:
+            args.append(sql.SQL("{}::{}").format(sql.Placeholder(name), sql.SQL(types[name])))
+        else:
+            args.append(sql.Placeholder(name))
+    call = sql.SQL("stacchip.{}({})").format(
+        sql.Identifier(function),
+        sql.SQL(", ").join(
+            sql.SQL("{} => {}").format(sql.SQL(name), arg)
+            for name, arg in zip(arguments, args, strict=True)
+        ),
+    )
+    return call, dict(arguments)
 
 
 BATCH_ROWS = 10_000

@@ -336,10 +336,12 @@ def item_from_arrays(
 
 _FILL_CHIPS = """
 INSERT INTO stacchip.chips (collection, item_id, chip_size, chip_index_x, chip_index_y,
-                            datetime, cloud_fraction, nodata_fraction, geometry)
+                            datetime, cloud_fraction, nodata_fraction, location, geometry)
 SELECT %(collection)s, 'synthetic_' || k, %(chip_size)s, x, y,
        timestamptz '2018-01-01 10:30Z' + k * interval '1 day',
        ((g * 7919) %% 1000) / 1000.0, ((g * 104729) %% 7) / 10.0,
+       ('x' || substr(md5('synthetic|' || %(chip_size)s || '|' || lon || '|' || lat || '|' || x
+                          || '|' || y), 1, 16))::bit(64)::bigint,
        ST_MakeEnvelope(lon + x * 0.01, lat - (y + 1) * 0.01, lon + (x + 1) * 0.01,
                        lat - y * 0.01, 4326)
 FROM generate_series(0::bigint, %(n)s - 1) AS g,
@@ -355,6 +357,8 @@ def fill_chips(
     """Insert `n` rows into `stacchip.chips` (no pgstac items), made by the server in one
     statement: items `synthetic_{k}` of 100 x 100 chips of 0.01° on a 1° grid from 180°W 80°N,
     one day apart from 2018-01-01, cloud and nodata fractions spread by hashing the row number.
+    Items `k` and `k + 57,600` lie on the same 1° cell (every 360 x 160 items the grid starts
+    again), so their chips share locations: a hash of cell, chip size and chip position.
 
     For tests and benchmarks that need many chips fast (selection, streaming, memory); the
     caller commits. Returns `n`.

@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "index": CORE,
     "reader": CORE,
     "selection": CORE,
+    "locations": CORE,
     "db": CORE,
     # services: whole jobs built from the layers below
     "item_sources": SERVICES,
@@ -46,6 +47,8 @@ LAYERS: dict[str, int] = {
     "sampler": SERVICES,
     "read_engine": SERVICES,
     "prechip": SERVICES,
+    "time_series": SERVICES,
+    "audit": SERVICES,
     "bandstats": SERVICES,
     "pictures": SERVICES,
     "export": SERVICES,

@@ -25,6 +25,8 @@ LAZY_COMMANDS = {
     "demo": "stacchip_db.cli.demo:demo",
     "chips": "stacchip_db.cli.chips:chips",
     "sample": "stacchip_db.cli.chips:sample",
+    "locations": "stacchip_db.cli.locations:locations",
+    "audit": "stacchip_db.cli.audit:audit",
     "index": "stacchip_db.cli.index:index",
     "export-index": "stacchip_db.cli.index:export_index",
     "prechip": "stacchip_db.cli.prechip:prechip",

@@ -109,6 +109,7 @@ def sample(
 
     Same seed and same data give the same chips on any server; --stratify-by gives each
     stratum the same count, capped by what it has; --split keeps one split of the spatial blocks.
+    --by-location samples N places with all their chips that pass the filters, place by place.
     """
     selection = build_selection(chip_filter, sampling, limit=limit)
     _run(db, selection, output_format, output, print_sql)

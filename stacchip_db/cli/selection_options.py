@@ -349,6 +349,11 @@ def _sample_decorators(required: bool) -> list[Callable[[Callable[..., Any]], Ca
             metavar="DEG", callback=_parsed(_positive_degrees),
             help="Cell side in degrees for --stratify-by cell.",
         ),
+        click.option(
+            "--by-location", is_flag=True,
+            help="Sample N places instead of N chips, each with all its chips that pass the "
+            "filters (every date); --stratify-by collection or cell.",
+        ),
     ]
 
 
@@ -376,11 +381,21 @@ def sample_options(*, required: bool = False) -> Callable[[Callable[..., Any]], 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             n, seed = kwargs.pop("sample_n"), kwargs.pop("seed")
             stratify_by, cell_size = kwargs.pop("stratify_by"), kwargs.pop("cell_size")
+            by_location = kwargs.pop("by_location")
             if n is None:
                 if stratify_by is not None:
                     raise _fail("--stratify-by needs a sample size -n N", "--stratify-by")
+                if by_location:
+                    raise _fail("--by-location needs a sample size -n N", "--by-location")
                 return func(*args, sampling=None, **kwargs)
-            sampling = Sampling(n=n, seed=seed, stratify_by=stratify_by, cell_size=cell_size)
+            try:
+                sampling = Sampling(
+                    n=n, seed=seed, stratify_by=stratify_by, cell_size=cell_size,
+                    by_location=by_location,
+                )  # fmt: skip
+            except SelectionError as exc:
+                raise _fail(str(exc).replace("`stratify_by`", "--stratify-by"),
+                            "--stratify-by") from exc  # fmt: skip
             return func(*args, sampling=sampling, **kwargs)
 
         return _apply(wrapper, _sample_decorators(required))

@@ -20,7 +20,7 @@ import psycopg
 import pyarrow as pa
 
 from stacchip_db.db.copy import copy_chip_rows
-from stacchip_db.db.items import PreparedItem, StoreError, prepare_item
+from stacchip_db.db.items import PreparedItem, StoreError, prepare_item, with_locations
 from stacchip_db.db.locks import (
     BULK_APPLICATION,
     CHIPS_TABLE,
@@ -50,8 +50,16 @@ BULK_LOCK_PAUSE_S = 0.2
 
 _BULK_COLUMNS = (
     "collection", "item_id", "chip_size", "chip_index_x", "chip_index_y", "datetime",
-    "cloud_fraction", "nodata_fraction", "geometry",
+    "cloud_fraction", "nodata_fraction", "location", "geometry",
 )  # fmt: skip
+
+
+def bulk_columns(prepared: Sequence[PreparedItem]) -> tuple[str, ...]:
+    """The COPY's columns: `location` only when every chips table carries it (`bulk_load`
+    always gives it: `items.with_locations`)."""
+    if all("location" in p.chips.column_names for p in prepared):
+        return _BULK_COLUMNS
+    return tuple(c for c in _BULK_COLUMNS if c != "location")
 
 
 @dataclass(frozen=True)
@@ -181,7 +189,9 @@ def _bulk_copy_parts(prepared: Sequence[PreparedItem], chip_size: int) -> tuple[
         "chip_size": [chip_size] * len(prepared),
         "datetime": [p.datetime for p in prepared],
     }
-    return copy_chip_rows(_BULK_COLUMNS, [p.chips for p in prepared], item_values, key_order=True)
+    return copy_chip_rows(
+        bulk_columns(prepared), [p.chips for p in prepared], item_values, key_order=True
+    )
 
 
 def _dedupe(prepared: Sequence[PreparedItem]) -> tuple[list[PreparedItem], int]:
@@ -254,6 +264,7 @@ def bulk_load(
             timings["upsert"] = time.perf_counter() - clock
             if not prepared:
                 return result
+            prepared = with_locations(prepared, chip_size)
             parts, rows = _bulk_copy_parts(prepared, chip_size)
             clock = time.perf_counter()
             # for this transaction only: readers that give up waiting name the bulk load

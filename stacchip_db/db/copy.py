@@ -43,10 +43,11 @@ CHIP_FIELDS: dict[str, str] = {
     "chip_index_y": ">i4",
     "cloud_fraction": ">f4",
     "nodata_fraction": ">f4",
+    "location": ">i8",
     "geometry": _WKB,  # bytea or geometry: the chips table's WKB as it is
 }
 """Columns with one value per chip, read from the chips tables."""
-_ARROW_TYPES = {">i4": pa.int32(), ">f4": pa.float32()}
+_ARROW_TYPES = {">i4": pa.int32(), ">f4": pa.float32(), ">i8": pa.int64()}
 
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # binary timestamptz: microseconds since then
 _MICROSECOND = timedelta(microseconds=1)
@@ -210,7 +211,7 @@ class _ChipArrays:
     total: int
     offsets: np.ndarray  # int64, total + 1: row i's WKB is data[offsets[i]:offsets[i + 1]]
     data: np.ndarray  # uint8: all WKB bytes
-    columns: dict[str, np.ndarray]  # chip_index_x/y (int32), cloud/nodata_fraction (float32)
+    columns: dict[str, np.ndarray]  # chip_index_x/y (int32), fractions (float32), location (int64)
 
     @property
     def wkb_lengths(self) -> np.ndarray:
@@ -237,6 +238,6 @@ def _chip_arrays(tables: Sequence[pa.Table]) -> _ChipArrays:
         columns={
             name: _column(table, name, _ARROW_TYPES[kind])
             for name, kind in CHIP_FIELDS.items()
-            if kind != _WKB
+            if kind != _WKB and name in table.column_names  # `location` may be left out
         },
     )

@@ -9,8 +9,8 @@ Nothing here touches the database: a bad item is refused before any transaction 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,11 +18,13 @@ import numpy as np
 import pyarrow as pa
 
 from stacchip_db.errors import StacchipError
-from stacchip_db.index import CHIP_SCHEMA, item_datetime
+from stacchip_db.index import CHIP_SCHEMA, chip_locations, item_datetime
 from stacchip_db.paths import UnsafeName, check_name
 
 CHIP_COLUMNS = tuple(CHIP_SCHEMA.names)
 """Columns read from a chips table: those of `index_item`'s table."""
+LOCATION = "location"
+"""The one column a chips table may lack: `with_locations` computes it from the item."""
 
 _LICENSE = "other"
 
@@ -92,13 +94,34 @@ def check_ids(collection: str, item_id: str) -> None:
 def prepare_item(item: Mapping[str, Any], chips: pa.Table) -> PreparedItem:
     """`item` checked (`check_item`) with its chips table cut to `CHIP_COLUMNS`."""
     collection, item_id, when = check_item(item)
-    missing = [name for name in CHIP_COLUMNS if name not in chips.column_names]
+    missing = [
+        name for name in CHIP_COLUMNS if name not in chips.column_names and name != LOCATION
+    ]
     if missing:
         raise ItemError(
             f"item {item_id}: the chips table has no column {', '.join(missing)}; pass the "
             "table `stacchip_db.index.index_item` returns"
         )
-    return PreparedItem(item, collection, item_id, when, chips.select(list(CHIP_COLUMNS)))
+    columns = [name for name in CHIP_COLUMNS if name in chips.column_names]
+    return PreparedItem(item, collection, item_id, when, chips.select(columns))
+
+
+def with_locations(prepared: Sequence[PreparedItem], chip_size: int) -> list[PreparedItem]:
+    """`prepared` with a `location` column in every chips table: a table made without one
+    (by hand, by an older caller) gets the locations `index.chip_locations` computes, at
+    `chip_size` (which `prepare_item` is not told)."""
+    done = []
+    for p in prepared:
+        if LOCATION not in p.chips.column_names:
+            xs = p.chips.column("chip_index_x").to_numpy(zero_copy_only=False)
+            ys = p.chips.column("chip_index_y").to_numpy(zero_copy_only=False)
+            locations = pa.array(chip_locations(p.item, chip_size, xs, ys), pa.int64())
+            chips = p.chips.add_column(
+                CHIP_COLUMNS.index(LOCATION), LOCATION, locations
+            ).select(list(CHIP_COLUMNS))
+            p = replace(p, chips=chips)
+        done.append(p)
+    return done
 
 
 def minimal_collection(collection: str, item: Mapping[str, Any]) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from stacchip_db.db.items import (
     StoreError,
     minimal_collection,
     prepare_item,
+    with_locations,
 )
 from stacchip_db.errors import DatabaseError, DatabaseUnavailable
 
@@ -147,13 +148,23 @@ CREATE TEMP TABLE stacchip_chips_in (
     chip_index_y int NOT NULL,
     cloud_fraction real NOT NULL,
     nodata_fraction real NOT NULL,
-    geometry bytea NOT NULL
+    geometry bytea NOT NULL,
+    location bigint
 ) ON COMMIT DROP
 """
 _INCOMING_COLUMNS = (
-    "item_no", "chip_index_x", "chip_index_y", "cloud_fraction", "nodata_fraction", "geometry",
+    "item_no", "chip_index_x", "chip_index_y", "cloud_fraction", "nodata_fraction", "location",
+    "geometry",
 )  # fmt: skip
-"""`stacchip_chips_in`'s columns, in the order of `_INCOMING`: the COPY's row layout."""
+"""`stacchip_chips_in`'s columns: the COPY's row layout (`incoming_columns`)."""
+
+
+def incoming_columns(tables: Sequence[pa.Table]) -> tuple[str, ...]:
+    """The COPY's columns for `tables`: `location` only when they all carry it (`_write`
+    always gives it: `items.with_locations`)."""
+    if all("location" in t.column_names for t in tables):
+        return _INCOMING_COLUMNS
+    return tuple(c for c in _INCOMING_COLUMNS if c != "location")
 
 
 def chips_copy_data(tables: Sequence[pa.Table]) -> tuple[bytes, int]:
@@ -161,7 +172,7 @@ def chips_copy_data(tables: Sequence[pa.Table]) -> tuple[bytes, int]:
 
     Rows of `tables[i]` get `item_no = i`, in the tables' order (`copy.copy_chip_rows`).
     """
-    parts, total = copy_chip_rows(_INCOMING_COLUMNS, tables)
+    parts, total = copy_chip_rows(incoming_columns(tables), tables)
     return b"".join(parts), total
 
 
@@ -253,12 +264,16 @@ def _write(
         prepared = upsert_items(conn, prepared, chip_size, on_conflict, result)
         if not prepared:
             return result
+        prepared = with_locations(prepared, chip_size)
         collections = [p.collection for p in prepared]
         item_ids = [p.item_id for p in prepared]
         items = (collections, item_ids, [p.datetime for p in prepared])
         data, rows = chips_copy_data([p.chips for p in prepared])
         conn.execute(_INCOMING)
-        with conn.cursor().copy("COPY stacchip_chips_in FROM STDIN WITH (FORMAT binary)") as copy:
+        columns = ", ".join(_INCOMING_COLUMNS)
+        with conn.cursor().copy(
+            f"COPY stacchip_chips_in ({columns}) FROM STDIN WITH (FORMAT binary)"
+        ) as copy:
             copy.write(data)
         # Replace the items' rows, but leave a row that is already stored exactly as it comes
         # (re-runs of a job, re-indexing unchanged scenes): deleting and re-inserting it would
@@ -274,6 +289,7 @@ def _write(
                   AND c.chip_index_y = s.chip_index_y AND s.datetime = i.datetime
                   AND c.cloud_fraction = s.cloud_fraction
                   AND c.nodata_fraction = s.nodata_fraction
+                  AND c.location = s.location
                   AND c.geometry = ST_AsBinary(s.geometry, 'NDR'))
             """,
             (*items, chip_size),
@@ -281,9 +297,10 @@ def _write(
         conn.execute(
             f"""
             INSERT INTO stacchip.chips (collection, item_id, chip_size, chip_index_x,
-                chip_index_y, datetime, cloud_fraction, nodata_fraction, geometry)
+                chip_index_y, datetime, cloud_fraction, nodata_fraction, location, geometry)
             SELECT i.collection, i.item_id, %s, c.chip_index_x, c.chip_index_y, i.datetime,
-                   c.cloud_fraction, c.nodata_fraction, ST_GeomFromWKB(c.geometry, 4326)
+                   c.cloud_fraction, c.nodata_fraction, c.location,
+                   ST_GeomFromWKB(c.geometry, 4326)
             FROM stacchip_chips_in c
             JOIN {_ITEMS} AS i(collection, item_id, datetime, n) ON c.item_no = i.n - 1
             ON CONFLICT ON CONSTRAINT chips_pkey DO NOTHING
