@@ -62,6 +62,8 @@ class ChipRow:
     cloud_fraction: float
     nodata_fraction: float
     geometry: bytes
+    location: int | None = None
+    """The chip's place (`stacchip.chips.location`); None in rows made by hand."""
 
     @property
     def chip_id(self) -> str:
@@ -181,7 +183,7 @@ def _chip_rows(
     columns = list(zip(*keys, strict=True))
     found = conn.execute(
         "SELECT k.n, c.collection, c.item_id, c.chip_size, c.chip_index_x, c.chip_index_y, "
-        "c.datetime, c.cloud_fraction, c.nodata_fraction, ST_AsBinary(c.geometry) "
+        "c.datetime, c.cloud_fraction, c.nodata_fraction, ST_AsBinary(c.geometry), c.location "
         "FROM unnest(%s::text[], %s::text[], %s::int[], %s::int[], %s::int[]) "
         "WITH ORDINALITY AS k (collection, item_id, chip_size, x, y, n) "
         "JOIN stacchip.chips c ON c.collection = k.collection AND c.item_id = k.item_id "
@@ -198,7 +200,7 @@ def _chip_rows(
             "select chips from stacchip.chips"
         )
     return [
-        ChipRow(r[1], r[2], r[3], r[4], r[5], r[6], float(r[7]), float(r[8]), bytes(r[9]))
+        ChipRow(r[1], r[2], r[3], r[4], r[5], r[6], float(r[7]), float(r[8]), bytes(r[9]), r[10])
         for r in found
     ]
 
@@ -298,6 +300,12 @@ class ChipDataset:
     `lat_norm`, `lon_norm`, `week_norm`, `hour_norm` (float32 `(2,)`).
     Planetary Computer hrefs are signed when opened, in each worker (`signing`); `sign=False`
     turns that off (None: on unless `$STACCHIP_SIGN=0`).
+
+    With `time_series` T, an item is a place at T dates (`time_series.plan_stacks`: places
+    with fewer than T selected dates left out, `short_locations` of them; dates picked by
+    `pick`), as `prechip --time-series` writes it: `pixels` float32 `(T, C, H, W)` in time
+    order, `week_norm`/`hour_norm` `(T, 2)`, `lat_norm`/`lon_norm` `(2,)`, `location`, and per
+    date lists `chip_ids`, `item_ids`, `datetimes`, `cloud_fractions`, `nodata_fractions`.
     """
 
     def __init__(
@@ -311,6 +319,8 @@ class ChipDataset:
         statement_timeout_s: float = STATEMENT_TIMEOUT_S,
         query_database_url: str | None = None,
         sign: bool | None = None,
+        time_series: int | None = None,
+        pick: str = "least-cloudy",
     ) -> None:
         self.sign = sign
         if database_url is None or query_database_url is None:
@@ -332,11 +342,43 @@ class ChipDataset:
             footprint_centres([r.geometry for r in self.rows]) if self.rows else ([], [])
         )
         self._reads: dict[tuple[str, str], list[AssetRead]] = {}
+        self.stacks = None
+        self.short_locations = 0
+        if time_series is not None:
+            from stacchip_db.time_series import plan_stacks
+
+            self.stacks, self.short_locations = plan_stacks(self.rows, time_series, pick)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) if self.stacks is None else len(self.stacks)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.stacks is None:
+            return self._chip(index)
+        if not -len(self.stacks) <= index < len(self.stacks):
+            raise IndexError(f"location {index} of a dataset of {len(self.stacks)}")
+        stack = self.stacks[index]
+        chips = [self._chip(p) for p in stack.positions]
+        return {
+            "pixels": np.stack([c["pixels"] for c in chips]),
+            "bands": chips[0]["bands"],
+            "location": stack.location,
+            "collection": stack.collection,
+            "chip_size": chips[0]["chip_size"],
+            "lon": chips[0]["lon"],
+            "lat": chips[0]["lat"],
+            "lat_norm": chips[0]["lat_norm"],
+            "lon_norm": chips[0]["lon_norm"],
+            "week_norm": np.stack([c["week_norm"] for c in chips]),
+            "hour_norm": np.stack([c["hour_norm"] for c in chips]),
+            **{
+                f"{name}s": [c[name] for c in chips]
+                for name in ("chip_id", "item_id", "datetime", "cloud_fraction", "nodata_fraction")
+            },
+        }
+
+    def _chip(self, index: int) -> dict[str, Any]:
+        """Chip `index` of the selected rows, read."""
         if not -len(self.rows) <= index < len(self.rows):
             raise IndexError(f"chip {index} of a dataset of {len(self.rows)}")
         index %= len(self.rows)

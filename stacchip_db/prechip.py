@@ -168,11 +168,22 @@ MANIFEST_SCHEMA = pa.schema(
     [
         pa.field("cube", pa.int32(), nullable=False),
         pa.field("row", pa.int32(), nullable=False),
-        *(chip_field(name, nullable=False) for name in CHIP_TYPES if name != "geometry"),
+        # `location` may be null: rows made by hand (ChipRow's default) have none
+        *(
+            chip_field(name, nullable=name == "location")
+            for name in CHIP_TYPES
+            if name != "geometry"
+        ),
         chip_field("geometry", nullable=False).with_metadata(FOOTPRINT_METADATA),
     ]
 )
 """Manifest columns: one row per chip written, `(cube, row)` its place in `cube_{cube}.npz`."""
+
+TIME_SERIES_MANIFEST_SCHEMA = MANIFEST_SCHEMA.insert(
+    2, pa.field("step", pa.int32(), nullable=False)
+)
+"""Manifest of time-series cubes: one row per (place, date, chip), `(cube, row, step)` its
+place in `pixels[row, step]` of `cube_{cube}.npz`."""
 
 
 def manifest_name(shard: Shard | None) -> str:
@@ -184,12 +195,17 @@ def manifest_name(shard: Shard | None) -> str:
     )
 
 
-def _manifest_table(entries: list[tuple[int, int, ChipRow]], bands: list[str]) -> pa.Table:
-    columns: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
-    for cube, row_index, row in sorted(entries, key=lambda e: (e[0], e[1])):
+def _manifest_table(
+    entries: list[tuple[int, int, int | None, ChipRow]], bands: list[str]
+) -> pa.Table:
+    """The manifest of `(cube, row, step or None, chip)` entries (steps: time series)."""
+    schema = MANIFEST_SCHEMA if entries[0][2] is None else TIME_SERIES_MANIFEST_SCHEMA
+    columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+    for cube, row_index, step, row in sorted(entries, key=lambda e: (e[0], e[1], e[2] or 0)):
         for name, value in (
             ("cube", cube),
             ("row", row_index),
+            ("step", step),
             ("chip_id", row.chip_id),
             ("collection", row.collection),
             ("item_id", row.item_id),
@@ -199,10 +215,12 @@ def _manifest_table(entries: list[tuple[int, int, ChipRow]], bands: list[str]) -
             ("datetime", row.datetime),
             ("cloud_fraction", row.cloud_fraction),
             ("nodata_fraction", row.nodata_fraction),
+            ("location", row.location),
             ("geometry", row.geometry),
         ):
-            columns[name].append(value)
-    table = pa.table(columns, schema=MANIFEST_SCHEMA)
+            if name in columns:
+                columns[name].append(value)
+    table = pa.table(columns, schema=schema)
     geo = {
         "version": "1.0.0",
         "primary_column": "geometry",
@@ -264,14 +282,30 @@ class PrechipSummary:
     cubes: int = 0
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
+    time_series: int | None = None
+    """T of a time-series export (`pixels` (N, T, C, H, W)), else None."""
+    locations: int = 0
+    """Time series: places written (each with T chips)."""
+    short_locations: int = 0
+    """Time series: places left out because fewer than T of their dates were selected."""
 
     def describe(self) -> str:
         rate = self.written / self.seconds if self.seconds else 0.0
+        places = (
+            f" ({plural(self.locations, 'location')} x {self.time_series} dates)"
+            if self.time_series
+            else ""
+        )
         text = (
-            f"wrote {self.written} chips in {self.cubes} cube{'s' * (self.cubes != 1)} "
+            f"wrote {self.written} chips{places} in {self.cubes} cube{'s' * (self.cubes != 1)} "
             f"({rate:.1f} chips/s, "
             f"{self.seconds:.1f} s) of {self.selected} selected"
         )
+        if self.short_locations:
+            text += (
+                f"; {plural(self.short_locations, 'location')} with fewer than "
+                f"{self.time_series} dates left out"
+            )
         if self.planned != self.selected:
             text += f"; {self.planned} in this run's cubes"
         if self.not_in_full_cube:
@@ -300,52 +334,88 @@ def export_cubes(
     compress: bool = False,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
+    time_series: int | None = None,
+    pick: str = "least-cloudy",
 ) -> PrechipSummary:
     """Write the selection as npz cubes + manifest under `out` (see the module doc).
 
     `shard_index` and `shard_count` (both or neither) write only that part of the cubes (an
     AWS Batch array job's: `batch.array_job_shard`). `on_plan(n)` is told how many chips this
-    run will read, before reading starts.
+    run will read, before reading starts. With `time_series` T, a cube holds `cube_size`
+    places at T dates each, picked by `pick` (`time_series.PICKS`; see `time_series`).
     """
     started = time.perf_counter()
     if jobs < 1:
         raise ConfigError(f"`jobs` {jobs} is not a positive number of processes")
     shard = _shard(shard_index, shard_count)
-    store = CubeStore(out)
-    plans = plan_cubes(
-        selection, cube_size=cube_size, keep_partial=keep_partial, bands=bands, platform=platform
-    )
-    in_cubes = sum(len(p.rows) for p in plans)
-    if shard is not None:
-        plans = [plans[i] for i in shard.part(len(plans))]
     unsafe = {c for c in {r.collection for r in selection.rows} if not is_safe_name(c)}
     skipped = sum(r.collection in unsafe for r in selection.rows) if unsafe else 0
+    short = 0
+    if time_series is None:
+        plans: list[Any] = plan_cubes(
+            selection, cube_size=cube_size, keep_partial=keep_partial, bands=bands,
+            platform=platform,
+        )  # fmt: skip
+        in_cubes = sum(len(p.rows) for p in plans)
+        not_in_cube = len(selection) - in_cubes - skipped
+    else:
+        from stacchip_db.time_series import plan_stack_cubes, plan_stacks
+
+        if cube_size < 1:
+            raise ConfigError(f"`cube_size` {cube_size} is not a positive number of chips")
+        stacks, short = plan_stacks(selection.rows, time_series, pick)
+        for collection in sorted(unsafe):
+            log.warning("collection %r cannot be a folder name: its chips are not exported",
+                        collection)  # fmt: skip
+        stacks = [s for s in stacks if s.collection not in unsafe]
+        plans = plan_stack_cubes(
+            selection.rows, stacks, cube_size=cube_size, keep_partial=keep_partial,
+            bands=bands, platform=platform,
+        )  # fmt: skip
+        not_in_cube = (len(stacks) - sum(len(p.stacks) for p in plans)) * time_series
+    if shard is not None:
+        plans = [plans[i] for i in shard.part(len(plans))]
     summary = PrechipSummary(
         selected=len(selection),
         planned=sum(len(p.rows) for p in plans),
-        not_in_full_cube=len(selection) - in_cubes - skipped,
+        not_in_full_cube=not_in_cube,
         unsafe_names=skipped,
+        time_series=time_series,
+        short_locations=short,
     )
+    store = CubeStore(out)
     if on_plan is not None:
         on_plan(summary.planned)
-    manifests: dict[str, list[tuple[int, int, ChipRow]]] = {}
+    manifests: dict[str, list[tuple[int, int, int | None, ChipRow]]] = {}
     bands_of: dict[str, list[str]] = {}
     for cube in read_blocks(plans, selection.items, jobs=jobs, lanes=lanes, progress=progress):
         plan = cube.block
         for failure in cube.failures:
             log.warning("%s; left out of %s", failure, plan.name)
         summary.failed += len(cube.failures)
-        arrays = cube_arrays(cube, selection.items)
+        entries: list[tuple[int, int, int | None, ChipRow]] = []
+        if time_series is None:
+            arrays = cube_arrays(cube, selection.items)
+            kept = [row for row, ok in zip(plan.rows, cube.ok, strict=True) if ok]
+            entries = [(plan.index, i, None, row) for i, row in enumerate(kept)]
+        else:
+            from stacchip_db.time_series import stack_arrays
+
+            arrays, places = stack_arrays(cube, selection.items)
+            entries = [
+                (plan.index, n, t, plan.rows[plan.order[k, t]])
+                for n, k in enumerate(places)
+                for t in range(time_series)
+            ]
+            summary.locations += len(places)
         del cube.pixels
-        kept = [row for row, ok in zip(plan.rows, cube.ok, strict=True) if ok]
-        if not kept:
+        if not entries:
             continue
         summary.outputs.append(store.put(f"{plan.name}.npz", _save_npz(arrays, compress)))
         del arrays
         summary.cubes += 1
-        summary.written += len(kept)
-        entries = manifests.setdefault(plan.collection, [])
-        entries.extend((plan.index, i, row) for i, row in enumerate(kept))
+        summary.written += len(entries)
+        manifests.setdefault(plan.collection, []).extend(entries)
         bands_of[plan.collection] = plan.bands
     for collection, entries in manifests.items():
         table = _manifest_table(entries, bands_of[collection])

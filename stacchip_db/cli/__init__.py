@@ -56,6 +56,9 @@ PARAMETER_FLAGS = {
     "`cube_size`": "--cube-size",
     "`jobs`": "--jobs",
     "`bulk`": "--bulk",
+    "`time_series`": "--time-series",
+    "`pick`": "--pick",
+    "`stratify_by`": "--stratify-by",
 }
 """Library messages name the Python parameter in backticks; the CLI names its flag (or
 argument) instead."""

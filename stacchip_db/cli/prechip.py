@@ -156,6 +156,15 @@ def _shard_of(shard: str | None, shard_count: int | None) -> Shard | None:
 )
 @click.option("--keep-partial", is_flag=True, help="Also write the last, partial cube.")
 @click.option("--compress", is_flag=True, help="Deflate the npz files (smaller, slower).")
+@click.option(
+    "--time-series", type=click.IntRange(min=1), metavar="T",
+    help="Cubes of places at T dates each: pixels (N, T, C, H, W), the dates of a place in "
+    "time order; places with fewer than T selected dates are left out (counted).",
+)  # fmt: skip
+@click.option(
+    "--pick", type=click.Choice(["least-cloudy", "spread", "latest"]), default="least-cloudy",
+    show_default=True, help="Which T dates of a place, with --time-series.",
+)  # fmt: skip
 @with_database
 def prechip(
     db: Database,
@@ -173,8 +182,13 @@ def prechip(
     shard_count: int | None,
     keep_partial: bool,
     compress: bool,
+    time_series: int | None,
+    pick: str,
 ) -> None:
     """Export the selected chips as npz cubes (Clay format) with a manifest.
+
+    With --time-series T, each cube row is one place at T dates (-n N --by-location samples N
+    places); the manifest has a row per place, date and chip.
 
     Exit status 3 when some chips could not be read (they are named on stderr and left out).
     """
@@ -197,6 +211,8 @@ def prechip(
             compress=compress,
             progress=progress.advance,
             on_plan=progress.start,
+            time_series=time_series,
+            pick=pick,
         )
     where = f" (shard {part.index}/{part.count})" if part else ""
     click.echo(f"{summary.describe()}{where}; output in {out}")
