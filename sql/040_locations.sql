@@ -142,13 +142,17 @@ $$;
 -- passing the filters (`split_buffer` among them; `split` must be NULL: every split is
 -- audited). One row per finding:
 --   overlap    pairs of chips of different splits whose footprints share area, and that area
---              (km², on the WGS 84 spheroid). Only a chip crossing a block edge can overlap a
---              chip of another block (a chip inside its block lies in it, and blocks share no
---              area), so those chips are found in one pass, each looked up against the
---              matching chips through the GiST index: the cost is a scan of the matching
---              chips plus one index probe per edge chip.
---   locations  places with chips in more than one split (a GROUP BY over the matching chips,
---              which spills to disk past work_mem: memory stays bounded).
+--              (km², on the WGS 84 spheroid). Only a chip whose bounding box reaches into
+--              another block (past an edge, not onto it) can share area with a chip of
+--              another block: a chip inside its block lies in it, and blocks share no area. So
+--              those edge chips are found in one pass and each is looked up against the
+--              matching chips through the GiST index; the split of a candidate is that of its
+--              block, computed once per block (chip_split hashes with md5 and is not inlined).
+--              Cost: a scan of the matching chips plus one index probe per edge chip.
+--   locations  places with chips in more than one split: first the places whose chips lie in
+--              more than one block (a GROUP BY over the matching chips on two numbers per
+--              chip, which spills to disk past work_mem: memory stays bounded), then, for
+--              those only, their splits.
 --   duplicates chips selected more than once: none by construction (a chip has one split).
 CREATE FUNCTION stacchip.audit_split(
     {{filter_parameters}}
@@ -159,40 +163,89 @@ AS $$
     WITH edge AS MATERIALIZED (
         SELECT s.collection, s.item_id, s.chip_size, s.chip_index_x, s.chip_index_y,
                s.geometry,
-               stacchip.chip_split(s.geometry, audit_split.block_size,
-                                   audit_split.split_fractions) AS split
+               floor((ST_XMin(s.geometry) + ST_XMax(s.geometry)) / 2 / audit_split.block_size)
+                   AS bx,
+               floor((ST_YMin(s.geometry) + ST_YMax(s.geometry)) / 2 / audit_split.block_size)
+                   AS by
         FROM stacchip.select_chips(
             {{filter_arguments audit_split.}}
         ) AS s
-        WHERE NOT stacchip.chip_inside_block(s.geometry, audit_split.block_size, 0)
+        WHERE floor(ST_XMin(s.geometry) / audit_split.block_size)
+                  <> ceil(ST_XMax(s.geometry) / audit_split.block_size) - 1
+           OR floor(ST_YMin(s.geometry) / audit_split.block_size)
+                  <> ceil(ST_YMax(s.geometry) / audit_split.block_size) - 1
     ),
-    pairs AS (
-        SELECT ST_Area(ST_Intersection(e.geometry, c.geometry)::geography) / 1e6 AS km2
+    candidates AS MATERIALIZED (
+        SELECT e.collection, e.item_id, e.chip_size, e.chip_index_x, e.chip_index_y,
+               e.geometry AS edge_geometry, e.bx AS edge_bx, e.by AS edge_by,
+               c.collection AS other_collection, c.item_id AS other_item_id,
+               c.chip_size AS other_chip_size, c.chip_index_x AS other_x,
+               c.chip_index_y AS other_y, c.geometry AS other_geometry, o.bx, o.by,
+               (floor(ST_XMin(c.geometry) / audit_split.block_size)
+                    <> ceil(ST_XMax(c.geometry) / audit_split.block_size) - 1
+                OR floor(ST_YMin(c.geometry) / audit_split.block_size)
+                    <> ceil(ST_YMax(c.geometry) / audit_split.block_size) - 1) AS other_is_edge
         FROM edge AS e
         JOIN stacchip.select_chips(
             {{filter_arguments audit_split.}}
         ) AS c ON ST_Intersects(c.geometry, e.geometry)
-        WHERE stacchip.chip_split(c.geometry, audit_split.block_size,
-                                  audit_split.split_fractions) <> e.split
-          AND ST_Relate(c.geometry, e.geometry, '2********')
-          -- each pair once: from its first chip when both cross an edge
-          AND (stacchip.chip_inside_block(c.geometry, audit_split.block_size, 0)
-               OR (e.collection, e.item_id, e.chip_size, e.chip_index_x, e.chip_index_y)
-                  < (c.collection, c.item_id, c.chip_size, c.chip_index_x, c.chip_index_y))
+        CROSS JOIN LATERAL (
+            SELECT floor((ST_XMin(c.geometry) + ST_XMax(c.geometry)) / 2
+                         / audit_split.block_size) AS bx,
+                   floor((ST_YMin(c.geometry) + ST_YMax(c.geometry)) / 2
+                         / audit_split.block_size) AS by
+        ) AS o
+        WHERE (o.bx, o.by) <> (e.bx, e.by)
+    ),
+    blocks AS MATERIALIZED (
+        SELECT b.bx, b.by, stacchip.chip_split(
+                   ST_SetSRID(ST_MakePoint((b.bx + 0.5) * audit_split.block_size,
+                                           (b.by + 0.5) * audit_split.block_size), 4326),
+                   audit_split.block_size, audit_split.split_fractions) AS split
+        FROM (SELECT edge_bx AS bx, edge_by AS by FROM candidates
+              UNION SELECT bx, by FROM candidates) AS b
+    ),
+    pairs AS (
+        SELECT ST_Area(ST_Intersection(k.edge_geometry, k.other_geometry)::geography) / 1e6
+                   AS km2
+        FROM candidates AS k
+        JOIN blocks AS eb ON eb.bx = k.edge_bx AND eb.by = k.edge_by
+        JOIN blocks AS ob ON ob.bx = k.bx AND ob.by = k.by
+        WHERE eb.split <> ob.split
+          AND ST_Relate(k.other_geometry, k.edge_geometry, '2********')
+          -- each pair once: from its first chip when both are edge chips
+          AND (NOT k.other_is_edge
+               OR (k.collection, k.item_id, k.chip_size, k.chip_index_x, k.chip_index_y)
+                  < (k.other_collection, k.other_item_id, k.other_chip_size, k.other_x,
+                     k.other_y))
+    ),
+    spread AS MATERIALIZED (
+        SELECT b.location
+        FROM (
+            SELECT s.location,
+                   floor((ST_XMin(s.geometry) + ST_XMax(s.geometry)) / 2
+                         / audit_split.block_size) AS bx,
+                   floor((ST_YMin(s.geometry) + ST_YMax(s.geometry)) / 2
+                         / audit_split.block_size) AS by
+            FROM stacchip.select_chips(
+                {{filter_arguments audit_split.}}
+            ) AS s
+        ) AS b
+        GROUP BY b.location
+        HAVING min(b.bx) <> max(b.bx) OR min(b.by) <> max(b.by)
     )
     SELECT 'overlap', count(*), coalesce(sum(km2), 0) FROM pairs
     UNION ALL
     SELECT 'locations', count(*), NULL FROM (
         SELECT s.location
-        FROM stacchip.select_chips(
+        FROM spread
+        JOIN stacchip.select_chips(
             {{filter_arguments audit_split.}}
-        ) AS s
+        ) AS s ON s.location = spread.location
         GROUP BY s.location
-        HAVING min(stacchip.chip_split(s.geometry, audit_split.block_size,
-                                       audit_split.split_fractions))
-            <> max(stacchip.chip_split(s.geometry, audit_split.block_size,
-                                       audit_split.split_fractions))
-    ) AS spread
+        HAVING count(DISTINCT stacchip.chip_split(s.geometry, audit_split.block_size,
+                                                  audit_split.split_fractions)) > 1
+    ) AS split_places
     UNION ALL
     SELECT 'duplicates', 0, NULL
 $$;
