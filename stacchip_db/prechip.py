@@ -260,10 +260,24 @@ class CubeStore:
         return url
 
 
-def _save_npz(arrays: dict[str, np.ndarray], compress: bool) -> Callable[[Path], None]:
+def _save_npz(arrays: dict[str, Any], compress: bool) -> Callable[[Path], None]:
     def write(path: Path) -> None:
-        with open(path, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
+        if not any(hasattr(value, "write_npy") for value in arrays.values()):
+            with open(path, "wb") as f:
+                (np.savez_compressed if compress else np.savez)(f, **arrays)
+            return
+        # Time-series pixels (`time_series.StackedPixels`) write themselves chip by chip: the
+        # same zip of `.npy` members np.savez writes, without gathering them first.
+        import zipfile
+
+        method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+        with zipfile.ZipFile(path, "w", compression=method, allowZip64=True) as archive:
+            for name, value in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    if hasattr(value, "write_npy"):
+                        value.write_npy(member)
+                    else:
+                        np.lib.format.write_array(member, np.asanyarray(value))
 
     return write
 

@@ -174,19 +174,45 @@ def plan_stack_cubes(
     return cubes
 
 
+class StackedPixels:
+    """`pixels` (N, T, C, H, W) of a stack cube, not copied: rows `order` of the read block,
+    written straight into the npz member (`write_npy`) one chip at a time. The block holds
+    N x T chips already (1.3 GB for 128 x 4 x 10 bands of 256 px): a gathered copy would double
+    that, and its time halved the export's rate."""
+
+    def __init__(self, block: np.ndarray, order: np.ndarray) -> None:
+        self.block = block
+        self.order = order
+        self.shape = (*order.shape, *block.shape[1:])
+        self.dtype = block.dtype
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        gathered = self.block[self.order.ravel()].reshape(self.shape)
+        return gathered if dtype is None else gathered.astype(dtype)
+
+    def write_npy(self, stream: Any) -> None:
+        """The array in `.npy` format (version 1.0, C order) to a binary `stream`."""
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": self.shape}  # fmt: skip
+        np.lib.format.write_array_header_1_0(stream, header)
+        for row in self.order.ravel():
+            stream.write(np.ascontiguousarray(self.block[row]).data)
+
+
 def stack_arrays(
     cube: BlockRead[StackCube], items: dict[tuple[str, str], dict[str, Any]]
-) -> tuple[dict[str, np.ndarray], list[int]]:
+) -> tuple[dict[str, Any], list[int]]:
     """The npz arrays of a stack cube without the places of which a chip could not be read,
     and the indices (into `cube.block.stacks`) of the places kept.
 
-    `pixels` (N, T, C, H, W); `lat_norm`, `lon_norm` (N, 2) of the place; `week_norm`,
+    `pixels` (N, T, C, H, W) as `StackedPixels` (`np.asarray` gathers it; prechip writes it
+    without a copy); `lat_norm`, `lon_norm` (N, 2) of the place; `week_norm`,
     `hour_norm` (N, T, 2) of each date; `location` int64 (N,).
     """
     block = cube.block
     kept = [n for n in range(len(block.stacks)) if cube.ok[block.order[n]].all()]
     order = block.order[kept]
-    pixels = cube.pixels[order.ravel()].reshape(*order.shape, *cube.pixels.shape[1:])
+    pixels = StackedPixels(cube.pixels, order)
     if not kept:
         return {"pixels": pixels}, kept
     rows = [block.rows[i] for i in order.ravel()]
