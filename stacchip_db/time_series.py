@@ -16,10 +16,11 @@ places of one tile are neighbours and a cube's chips of one date are one item's.
 For prechip (`prechip.export_cubes(time_series=T)`), `plan_stack_cubes` cuts each collection's
 stacks into cubes of `cube_size` stacks; a cube is a block of the read engine whose rows are its
 chips sorted by key (each item's chips consecutive, as the engine asks), with `order` giving
-the block row of stack n, step t: the engine's float32 block becomes `pixels` (N, T, C, H, W)
-by one gather (`stack_arrays`). A place with a chip that could not be read is left out of its
-cube whole (a stack with a hole is no time series). `ChipDataset(..., time_series=T)` reads the
-same stacks chip by chip through the same reader.
+the block row of stack n, step t: the engine's float32 block is written as `pixels`
+(N, T, C, H, W) in that order, chip by chip (`stack_arrays`, `StackedPixels`). A place with a
+chip that could not be read is left out of its cube whole (a stack with a hole is no time
+series). `ChipDataset(..., time_series=T)` reads the same stacks chip by chip through the same
+reader.
 """
 
 from __future__ import annotations
