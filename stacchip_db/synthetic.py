@@ -357,9 +357,16 @@ def fill_chips(
     one day apart from 2018-01-01, cloud and nodata fractions spread by hashing the row number.
 
     For tests and benchmarks that need many chips fast (selection, streaming, memory); the
-    caller commits. Returns `n`.
+    caller commits. The collection's partition is made first where the schema has partitions
+    (alembic 0008: `stacchip.chip_partition`; a migration test fills older schemas too).
+    Returns `n`.
     """
     if n < 0:
         raise ValueError(f"n {n} is negative")
+    partitioned = conn.execute(
+        "SELECT to_regprocedure('stacchip.chip_partition(text)') IS NOT NULL"
+    ).fetchone()[0]
+    if partitioned:
+        conn.execute("SELECT stacchip.chip_partition(%s)", (collection,))
     conn.execute(_FILL_CHIPS, {"n": n, "collection": collection, "chip_size": chip_size})
     return n
