@@ -34,8 +34,8 @@ from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeo
 from stacchip_db.db.user_sql import QueryError, check_timeout, login_url, user_query
 from stacchip_db.errors import DatabaseError
 from stacchip_db.index import item_datetime
+from stacchip_db.read_engine import DATASETS
 from stacchip_db.reader import (
-    DATASETS,
     AssetRead,
     plan_reads,
     read_chip,
@@ -286,7 +286,7 @@ class ChipDataset:
     Works with a PyTorch `DataLoader` without importing torch: `[i]` returns numpy arrays
     (the default collate turns them into tensors). Picklable: it holds the selected rows and
     their items, no connection and no open file; each worker process opens the COGs it needs on
-    first use and keeps them open (`reader.DATASETS`, keyed by href).
+    first use and keeps them open (`read_engine.DATASETS`, keyed by href).
 
     `query` is SQL returning the chip key columns, a `selection.ChipFilter`, or a built
     `selection.SelectionQuery` (e.g. a seeded sample); it runs as `load_selection` runs it

@@ -9,7 +9,7 @@ Where the files are remote (HTTP, S3), latency and not bandwidth limits the read
 of one item are spread over "lanes" run by threads: each lane opens the assets it reads once
 and reads its windows in order; GDAL's /vsicurl/ cache shares the file headers between lanes of
 the same asset. Local reads are CPU-bound (tile decompression), so they use one lane: the
-parallelism there comes from worker processes (`prechip --jobs`).
+parallelism there comes from worker processes (`read_engine`, `prechip --jobs`).
 
 A window that cannot be read fails its chip, not the item: `ItemChips.failures` names the chip
 and the first href that failed it (one entry per chip), and the caller decides (prechip leaves
@@ -21,12 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import rasterio
@@ -76,7 +75,7 @@ def plan_reads(item: Any, bands: Sequence[str]) -> list[AssetRead]:
     if missing:
         raise BandError(
             f"item {view.id}: no asset or named band for {', '.join(missing)} (assets: "
-            f"{', '.join(sorted(view.assets))}); pass --bands with names the item has"
+            f"{', '.join(sorted(view.assets))}); pass `bands` with names the item has"
         )
     reads: dict[str, tuple[list[int], list[int]]] = {}
     for position, band in enumerate(bands):
@@ -226,6 +225,7 @@ def read_item_chips(
     dtype: Any = None,
     out: np.ndarray | None = None,
     sign: bool | None = None,
+    datasets: OpenDatasets | None = None,
 ) -> ItemChips:
     """Pixels `(len(chips), len(bands), chip_size, chip_size)` of chips `(x, y)` of `item`.
 
@@ -236,6 +236,9 @@ def read_item_chips(
     An asset that cannot be opened fails every chip; a window that cannot be read, its chip.
     Planetary Computer hrefs are signed when opened (`signing.sign_href`; `sign=False` or
     `$STACCHIP_SIGN=0` turns it off).
+    With one lane, the datasets are opened through `datasets` (the read engine's
+    `DATASETS`), which keeps them open for the caller's next read; without it, and in lanes
+    run by threads, they are closed on return.
     Raises BandError / GridError when the item cannot give these bands on this grid at all,
     SigningError when no SAS token can be had.
     """
@@ -268,8 +271,8 @@ def read_item_chips(
                 try:
                     # One lane runs in the calling thread: keep its datasets open for the next
                     # item task of this process (workers get many). Threads open their own.
-                    if len(work) == 1:
-                        src = DATASETS.open(read.href, sign=sign)
+                    if len(work) == 1 and datasets is not None:
+                        src = datasets.open(read.href, sign=sign)
                     else:
                         signed = sign_href(read.href, sign=sign)
                         src = stack.enter_context(rasterio.open(signed))
@@ -319,55 +322,12 @@ def _dtype(item: Any, reads: list[AssetRead]) -> np.dtype:
 # -- random access (ChipDataset) ----------------------------------------------------------------
 
 
-class DatasetCache:
-    """Open rasterio datasets of this process and thread, keyed by href (LRU, bounded).
-
-    GDAL datasets must not be shared between threads or inherited across fork (their file
-    offsets would be shared), so the cache is per thread and forgets everything when it finds
-    itself in a new process.
-    """
-
-    def __init__(self, size: int = 64) -> None:
-        self.size = size
-        self._local = threading.local()
-
-    def _entries(self) -> OrderedDict[str, Any]:
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            local.pid = os.getpid()
-            local.entries = OrderedDict()  # inherited handles: dropped, not closed
-        return local.entries
+class OpenDatasets(Protocol):
+    """Where a reader gets datasets it may keep open: the read engine's `DatasetCache`."""
 
     def open(self, href: str, *, sign: bool | None = None) -> Any:
-        """The open dataset of `href` (signed when it needs it), opened on first use.
-
-        Keyed by the signed href: when its token is renewed, the dataset is opened again
-        with the new one rather than reading on with an expired token.
-        """
-        entries = self._entries()
-        href = sign_href(href, sign=sign)
-        src = entries.get(href)
-        if src is not None:
-            entries.move_to_end(href)
-            return src
-        if is_remote(href):
-            configure_gdal()
-        src = rasterio.open(href)
-        entries[href] = src
-        while len(entries) > self.size:
-            _, old = entries.popitem(last=False)
-            old.close()
-        return src
-
-    def clear(self) -> None:
-        """Close every dataset this thread holds."""
-        entries = self._entries()
-        while entries:
-            entries.popitem()[1].close()
-
-
-DATASETS = DatasetCache()
-"""The process-wide cache random-access readers use."""
+        """The open dataset of `href`, signed when it needs it; the cache closes it."""
+        ...
 
 
 def read_chip(
@@ -377,12 +337,13 @@ def read_chip(
     bands: Sequence[str],
     *,
     chip_size: int,
-    cache: DatasetCache = DATASETS,
+    cache: OpenDatasets,
     reads: list[AssetRead] | None = None,
     grid: ChipGrid | None = None,
     sign: bool | None = None,
 ) -> np.ndarray:
-    """Pixels `(len(bands), chip_size, chip_size)` of one chip, datasets reused via `cache`.
+    """Pixels `(len(bands), chip_size, chip_size)` of one chip, datasets reused via `cache`
+    (`read_engine.DATASETS`: this process's open datasets).
 
     Raises ChipReadError naming the chip and the href when an asset cannot be read;
     Planetary Computer hrefs are signed as in `read_item_chips`.

@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 
 from stacchip_db.errors import StacchipError
-from stacchip_db.index import item_datetime
+from stacchip_db.index import CHIP_SCHEMA, item_datetime
 from stacchip_db.paths import UnsafeName, check_name
 
-CHIP_COLUMNS = ("chip_index_x", "chip_index_y", "cloud_fraction", "nodata_fraction", "geometry")
-"""Columns read from a chips table (`stacchip_db.index.CHIP_SCHEMA`)."""
+CHIP_COLUMNS = tuple(CHIP_SCHEMA.names)
+"""Columns read from a chips table: those of `index_item`'s table."""
 
 _LICENSE = "other"
 
@@ -61,7 +61,7 @@ def check_item(item: Any) -> tuple[str, str, datetime]:
     collection = item.get("collection")
     if not isinstance(collection, str) or not collection:
         raise ItemError(
-            f"item {item_id}: no collection; set `collection` in the item or pass --collection"
+            f"item {item_id}: no collection; set \"collection\" in the item or pass `collection`"
         )
     check_ids(collection, item_id)
     if item.get("type") != "Feature":

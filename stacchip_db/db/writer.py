@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from stacchip_db.db.items import ItemError, check_item, item_id_of
 from stacchip_db.db.store import BATCH_ITEMS, OnConflict, StoreResult, store_items
-from stacchip_db.errors import StacchipError
+from stacchip_db.errors import item_failure_line
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,8 @@ class ItemFailure:
 
 
 def _failure(item: Any, error: Exception) -> ItemFailure:
-    """The one-line failure of `item`; an error that is not ours keeps its type's name."""
-    if isinstance(error, StacchipError):
-        return ItemFailure(item_id_of(item), str(error))
-    log.debug("storing item %s failed", item_id_of(item), exc_info=error)
-    return ItemFailure(item_id_of(item), f"{type(error).__name__}: {error}")
+    item_id = item_id_of(item)
+    return ItemFailure(item_id, item_failure_line(error, item_id))
 
 
 class ItemWriter:
