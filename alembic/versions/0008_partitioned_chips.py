@@ -233,6 +233,20 @@ def downgrade() -> None:
         f"INSERT INTO stacchip.chips_0008 ({_COLUMNS}) SELECT {_COLUMNS} FROM stacchip.chips "
         f"ORDER BY {_KEY}"
     )
+    # sql/010's stacchip.matching_chips returns rows of this table's type
+    op.execute(
+        """
+        DO $$
+        DECLARE f regprocedure;
+        BEGIN
+            FOR f IN SELECT oid FROM pg_proc WHERE pronamespace = 'stacchip'::regnamespace
+                     AND proname = 'matching_chips' LOOP
+                EXECUTE format('DROP FUNCTION %s', f);
+            END LOOP;
+        END
+        $$
+        """
+    )
     op.execute("DROP TABLE stacchip.chips")  # its partitions go with it
     op.execute("DROP FUNCTION stacchip.chip_partition(text)")
     op.execute("DROP FUNCTION stacchip.create_chip_partition_indexes(name)")
