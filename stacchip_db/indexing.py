@@ -4,9 +4,9 @@ The pipeline behind `stacchip-db index`, callable from Python as `stacchip_db.in
 Items are read by `item_sources`, their chips computed by `index.index_item` and stored with
 the items by `db.store`: normally by an `ItemWriter`, which batches many items per transaction
 and writes on background threads while the next items are indexed; in bulk (automatic when
-stacchip.chips is empty) every item is indexed first and then loaded by `db.store.bulk_load`
-in one transaction that rebuilds the table's indexes once. A bad item is reported in the
-summary (one line, with its id) and skipped; the others are stored.
+stacchip.chips is empty) every item is indexed first and then loaded by `db.bulk.bulk_load`
+in one transaction that builds each collection's partition apart and attaches it. A bad item
+is reported in the summary (one line, with its id) and skipped; the others are stored.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class IndexPlan:
     items: int
     """Items expected: lines of local ndjson files, 1 per other source (an estimate)."""
     bulk: bool
-    """Whether the items are bulk loaded (`db.store.bulk_load`: stacchip.chips is locked
-    exclusively until the load commits)."""
+    """Whether the items are bulk loaded (`db.bulk.bulk_load`: each collection's partition
+    built apart and attached; writers of those collections wait until the load commits)."""
     automatic: bool
     """True when `bulk` was chosen here (`bulk=None`) because stacchip.chips was empty."""
 
@@ -167,8 +167,9 @@ def index_items(
     into pgstac with its chip rows at `chip_size` replaced; `strict` and `on_conflict` are
     `db.store`'s.
 
-    `bulk`: True loads all items in one transaction that locks stacchip.chips exclusively
-    and rebuilds its indexes once (`db.store.bulk_load`, all or nothing); False stores batches
+    `bulk`: True loads all items in one transaction that builds each collection's partition
+    of stacchip.chips apart and attaches it (`db.bulk.bulk_load`, all or nothing; other
+    collections are neither rebuilt nor locked); False stores batches
     of items on `writers` connections; None (default) is bulk when stacchip.chips is empty.
 
     A source, line or item that cannot be read, indexed or stored is one line in
