@@ -25,6 +25,7 @@ from rasterio.windows import Window
 
 from stacchip_db.errors import StacchipError
 from stacchip_db.grid import ChipGrid
+from stacchip_db.text import first_line
 
 SAMPLES = 32
 """Points per chip side (a power of two: fractions are then exact binary numbers)."""
@@ -107,7 +108,13 @@ def chip_classes(
     if inside.any():
         c0, c1 = int(pc[inside].min()), int(pc[inside].max()) + 1
         r0, r1 = int(pr[inside].min()), int(pr[inside].max()) + 1
-        band = dataset.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
+        try:
+            band = dataset.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
+        except Exception as exc:  # rasterio/GDAL: a lost URL, a corrupt tile
+            raise ClassRasterError(
+                f"raster {dataset.name} could not be read for item {grid.item_id}: "
+                f"{first_line(exc)[:300]}"
+            ) from exc
         values[inside] = band[pr[inside].astype(np.int64) - r0, pc[inside].astype(np.int64) - c0]
     valid = inside
     if dataset.nodata is not None and np.isfinite(dataset.nodata):

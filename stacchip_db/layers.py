@@ -490,7 +490,12 @@ def _fill(
                 summary.items_without_stac.append(f"{collection}/{item_id}")
                 continue
             grid = chip_grid(item, chip_size=chip_size, max_chips=None)
-            counted = chip_classes(grid, dataset, list(zip(xs, ys, strict=True)), samples=samples)
+            try:
+                counted = chip_classes(
+                    grid, dataset, list(zip(xs, ys, strict=True)), samples=samples
+                )
+            except StacchipError as exc:
+                raise LayerError(f"layer {layer.name}: {exc}") from exc
             rows += _rows(collection, item_id, chip_size, xs, ys, counted, names, order)
             summary.items += 1
             summary.chips += len(xs)

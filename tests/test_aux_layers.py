@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 from pathlib import Path
 
 import geopandas
@@ -13,8 +15,10 @@ import pytest
 import shapely
 from shapely.geometry import Polygon, box
 
-from stacchip_db.synthetic import fill_chips
-from tests.conftest import error_line, run_cli
+from stacchip_db.class_fractions import SAMPLES
+from stacchip_db.grid import chip_grid
+from stacchip_db.synthetic import WORLDCOVER_CLASSES, fill_chips, write_class_raster, write_cog
+from tests.conftest import error_line, run_cli, store_indexed
 
 # fill_chips: items `synthetic_k` of 100 x 100 chips of 0.01 degree, item k at lon -180 + k,
 # lat 80 - 0..1 (k < 360).
@@ -174,3 +178,171 @@ def test_layer_errors_are_one_line_and_leave_nothing(
     assert "exists already" in twice
     column = error_line(run_cli(["chips", "--within", "zones:nme=a"], database_url=chips_url))
     assert "no column 'nme'" in column
+
+
+# -- raster layers: class fractions -----------------------------------------------------------
+
+CHIP = 64
+
+
+def _item_bounds(item: dict) -> tuple[float, float, float, float]:
+    return tuple(shapely.geometry.shape(item["geometry"]).bounds)
+
+
+@pytest.fixture
+def classes_tif(tmp_path: Path, s2_items: list[dict]) -> Path:
+    """A WorldCover-like raster (EPSG:4326, ~0.0007 degrees) over most of the items (UTM): its
+    east edge cuts the scene, and a box inside is nodata."""
+    minx, miny, maxx, maxy = _item_bounds(s2_items[0])
+    return write_class_raster(
+        tmp_path / "classes.tif",
+        (minx - 0.05, miny - 0.05, maxx - 0.3, maxy + 0.05),
+        0.0007,
+        seed=3,
+        nodata_box=(minx + 0.2, miny + 0.2, minx + 0.4, miny + 0.3),
+    )
+
+
+def _direct(item: dict, x: int, y: int, source: Path) -> tuple[dict[int, int], int]:
+    """The chip's class counts by rasterio alone, chip by chip: the centres of the chip's
+    SAMPLES x SAMPLES cells taken to the raster's CRS (`rasterio.warp.transform`) and looked
+    up with `dataset.index` (points off the raster are nodata)."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+    from rasterio.transform import rowcol
+    from rasterio.warp import transform
+
+    grid = chip_grid(item, chip_size=CHIP)
+    chip_transform = (
+        grid.transform @ Affine.translation(x * CHIP, y * CHIP) @ Affine.scale(CHIP / SAMPLES)
+    )
+    centres = np.arange(SAMPLES) + 0.5
+    cols, rows = (a.ravel() for a in np.meshgrid(centres, centres))
+    xs = chip_transform.a * cols + chip_transform.b * rows + chip_transform.c
+    ys = chip_transform.d * cols + chip_transform.e * rows + chip_transform.f
+    with rasterio.open(source) as src:
+        lon, lat = transform(grid.crs.to_wkt(), src.crs, xs.tolist(), ys.tolist())
+        band = src.read(1)
+        r, c = rowcol(src.transform, lon, lat, op=math.floor)
+    r, c = np.asarray(r), np.asarray(c)
+    inside = (r >= 0) & (r < band.shape[0]) & (c >= 0) & (c < band.shape[1])
+    values = np.zeros(len(r), dtype=np.uint8)
+    values[inside] = band[r[inside], c[inside]]
+    found, counts = np.unique(values, return_counts=True)
+    by_value = dict(zip(found.tolist(), counts.tolist(), strict=True))
+    return {v: n for v, n in by_value.items() if v != 0}, by_value.get(0, 0)
+
+
+def _warped(item: dict, x: int, y: int, source: Path) -> dict[int, int]:
+    """The chip's class counts from `rasterio.warp.reproject` (nearest) onto its cells."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+    from rasterio.warp import Resampling, reproject
+
+    grid = chip_grid(item, chip_size=CHIP)
+    chip_transform = (
+        grid.transform @ Affine.translation(x * CHIP, y * CHIP) @ Affine.scale(CHIP / SAMPLES)
+    )
+    out = np.zeros((SAMPLES, SAMPLES), dtype=np.uint8)
+    with rasterio.open(source) as src:
+        reproject(
+            rasterio.band(src, 1), out, dst_transform=chip_transform, dst_crs=grid.crs,
+            dst_nodata=0, resampling=Resampling.nearest, tolerance=0,
+        )  # fmt: skip
+    found, counts = np.unique(out, return_counts=True)
+    return {v: n for v, n in zip(found.tolist(), counts.tolist(), strict=True) if v != 0}
+
+
+def test_class_fractions_equal_a_direct_rasterio_computation(
+    database_url: str, s2_items: list[dict], classes_tif: Path
+) -> None:
+    store_indexed(database_url, s2_items[:1], chip_size=CHIP)
+    result = run_cli(
+        ["layer", "add", "cover", str(classes_tif), "--raster", "--classes",
+         ",".join(f"{v}={n}" for v, n in WORLDCOVER_CLASSES.items() if v != 100)],
+        database_url=database_url,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "partly nodata" in result.output
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT chip_index_x, chip_index_y, fractions, dominant, nodata_fraction "
+            "FROM stacchip.chip_classes WHERE layer = 'cover' ORDER BY 2, 1"
+        ).fetchall()
+        stored = conn.execute("SELECT count(*) FROM stacchip.chips").fetchone()[0]
+        (names,) = conn.execute(
+            "SELECT class_names FROM stacchip.layers WHERE name = 'cover'"
+        ).fetchone()
+    assert len(rows) == stored > 100
+    assert names[-1] == "100"  # a value --classes did not name is a class named by its number
+    label = {**WORLDCOVER_CLASSES, 100: "100"}
+    points = SAMPLES * SAMPLES
+    nodata_seen = all_nodata = 0
+    for x, y, fractions, dominant, nodata in rows:
+        counts, nodata_points = _direct(s2_items[0], x, y, classes_tif)
+        assert fractions == {label[v]: n / points for v, n in counts.items()}, (x, y)
+        assert nodata == pytest.approx(nodata_points / points, abs=1e-7)
+        if counts:
+            best = max(counts.values())
+            assert dominant == label[min(v for v, n in counts.items() if n == best)]
+        else:
+            assert dominant is None
+            all_nodata += 1
+        nodata_seen += nodata > 0
+        # GDAL's warper agrees but for a rare point within ~1/300 pixel of a pixel edge
+        warped = _warped(s2_items[0], x, y, classes_tif)
+        assert sum(abs(warped.get(v, 0) - counts.get(v, 0)) for v in {*warped, *counts}) <= 8
+    assert nodata_seen and all_nodata  # the nodata box and the raster's edge are reported
+
+
+def test_chips_stored_later_get_fractions_and_refresh_fills_gaps(
+    database_url: str, s2_items: list[dict], classes_tif: Path, tmp_path: Path
+) -> None:
+    from stacchip_db.indexing import index_items
+
+    store_indexed(database_url, s2_items[:1], chip_size=CHIP)
+    _add(database_url, "cover", classes_tif, "--raster")
+    item_file = tmp_path / "second.json"
+    item_file.write_text(json.dumps(s2_items[1]))
+    summary = index_items([item_file], database_url, chip_size=CHIP, bulk=False)
+    assert summary.layers and "layer cover" in summary.layers[0]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        count = "SELECT count(*) FROM stacchip.chip_classes"
+        chips = conn.execute("SELECT count(*) FROM stacchip.chips").fetchone()[0]
+        assert conn.execute(count).fetchone()[0] == chips
+        conn.execute("DELETE FROM stacchip.chip_classes WHERE chip_index_x = 3")
+        missing = chips - conn.execute(count).fetchone()[0]
+        refreshed = run_cli(["layer", "refresh", "cover"], database_url=database_url)
+        assert refreshed.exit_code == 0, refreshed.output
+        assert f"class fractions of {missing} chips" in refreshed.output
+        assert conn.execute(count).fetchone()[0] == chips
+    listed = run_cli(["layer", "list", "--json"], database_url=database_url)
+    (entry,) = json.loads(listed.stdout)
+    assert entry["kind"] == "raster" and entry["chips"] == chips
+
+
+def test_raster_layer_errors_are_one_line_and_leave_nothing(
+    database_url: str, s2_items: list[dict], tmp_path: Path
+) -> None:
+    import numpy as np
+    from affine import Affine
+
+    store_indexed(database_url, s2_items[:1], chip_size=CHIP)
+    minx, _, _, maxy = _item_bounds(s2_items[0])
+    floats = write_cog(
+        tmp_path / "ndvi.tif", np.zeros((50, 50), dtype=np.float32), crs="EPSG:4326",
+        transform=Affine(0.05, 0, minx, 0, -0.05, maxy), categorical=False,
+    )  # fmt: skip
+    line = error_line(run_cli(["layer", "add", "ndvi", str(floats), "--raster"],
+                              database_url=database_url))  # fmt: skip
+    assert "is not categorical" in line and "float32" in line
+    line = error_line(run_cli(["layer", "add", "gone", str(tmp_path / "gone.tif"), "--raster"],
+                              database_url=database_url))  # fmt: skip
+    assert "cannot be read as a raster" in line
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM stacchip.layers").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM stacchip.chip_classes").fetchone()[0] == 0
+    line = error_line(run_cli(["chips", "--class", "nothing:tree>=0.1"], database_url=database_url))
+    assert "unknown layer 'nothing'" in line
