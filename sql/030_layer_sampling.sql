@@ -67,7 +67,7 @@ DECLARE
     got bigint;
     taken bigint := 0;
     k int;
-    found boolean;
+    has_chips boolean;
     legs text := '';
     arms text := '';
     i int;
@@ -162,9 +162,9 @@ BEGIN
 
     IF quotas IS NULL THEN
         FOR i IN 1 .. cardinality(queries) LOOP
-            EXECUTE format('SELECT EXISTS (%s)', queries[i]) INTO found
+            EXECUTE format('SELECT EXISTS (%s)', queries[i]) INTO has_chips
                 USING start_key, k, n, 0::float8, {{filter_values}};
-            IF found THEN
+            IF has_chips THEN
                 present := present || i;
             END IF;
         END LOOP;

@@ -346,3 +346,138 @@ def test_raster_layer_errors_are_one_line_and_leave_nothing(
         assert conn.execute("SELECT count(*) FROM stacchip.chip_classes").fetchone()[0] == 0
     line = error_line(run_cli(["chips", "--class", "nothing:tree>=0.1"], database_url=database_url))
     assert "unknown layer 'nothing'" in line
+
+
+# -- samples stratified by a layer, quotas ----------------------------------------------------
+
+SHARES = {"tree": 400, "crop": 300, "grass": 234, "built": 63, "water": 3}  # per mille of chips
+
+
+@pytest.fixture
+def cover_url(chips_url: str) -> str:
+    """A raster layer `cover` whose fractions are generated: each chip's dominant class drawn
+    by hashing its key, with the shares above."""
+    cases = []
+    low = 0
+    for name, share in SHARES.items():
+        cases.append(f"WHEN h < {low + share} THEN '{name}'")
+        low += share
+    with psycopg.connect(chips_url) as conn:
+        conn.execute(
+            "INSERT INTO stacchip.layers (name, kind, source, class_values, class_names, nodata) "
+            "VALUES ('cover', 'raster', 'generated', '{1,2,3,4,5}', %s, 0)",
+            (list(SHARES),),
+        )
+        conn.execute(
+            f"""
+            INSERT INTO stacchip.chip_classes
+            SELECT 'cover', c.collection, c.item_id, c.chip_size, c.chip_index_x, c.chip_index_y,
+                   k.key, jsonb_build_object(d.dominant, 0.75), d.dominant, 0.25
+            FROM stacchip.chips AS c,
+                 LATERAL (SELECT stacchip.chip_sample_key(c.collection, c.item_id, c.chip_size,
+                          c.chip_index_x, c.chip_index_y) AS key) AS k,
+                 LATERAL (SELECT abs(hashtext(c.item_id || c.chip_index_x || ',' ||
+                          c.chip_index_y)) % 1000 AS h) AS m,
+                 LATERAL (SELECT CASE {" ".join(cases)} END AS dominant) AS d
+            """
+        )
+        conn.execute("ANALYZE stacchip.chip_classes")
+    return chips_url
+
+
+def _sample(url: str, args: list[str]) -> tuple[list[dict[str, str]], str]:
+    result = run_cli(["sample", "--format", "csv", *args], database_url=url)
+    assert result.exit_code == 0, result.output
+    return _csv(result.stdout), result.stderr
+
+
+def _dominant(url: str) -> dict[str, tuple[str, int, float]]:
+    """chip_id -> (dominant class, sampling key, cloud fraction)."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT stacchip.chip_id(c.item_id, c.chip_index_x, c.chip_index_y), f.dominant, "
+            "f.sample_key, c.cloud_fraction FROM stacchip.chips AS c JOIN stacchip.chip_classes "
+            "AS f USING (collection, item_id, chip_size, chip_index_x, chip_index_y)"
+        ).fetchall()
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def test_quotas_are_exact_and_reproducible(cover_url: str) -> None:
+    args = ["-n", "1000", "--seed", "7", "--stratify-by", "layer:cover", "--max-cloud", "0.5",
+            "--quota", "tree=0.3,crop=0.2,built=0.1,water=0.25"]  # fmt: skip
+    rows, warnings = _sample(cover_url, args)
+    chips = _dominant(cover_url)
+    taken = {}
+    for row in rows:
+        taken.setdefault(chips[row["chip_id"]][0], []).append(row["chip_id"])
+    water = [c for c, (d, _, cloud) in chips.items() if d == "water" and cloud <= 0.5]
+    assert len(water) < 250  # fewer than its quota asks: all of it, and a warning
+    assert sorted(taken["water"]) == sorted(water)
+    assert f"stratum 'water' of layer 'cover' has {len(water)} of the 250" in warnings
+    assert (len(taken["tree"]), len(taken["crop"]), len(taken["built"])) == (300, 200, 100)
+    assert len(rows) == 1000 and set(taken) == {"tree", "crop", "built", "water", "grass"}
+    assert len(taken["grass"]) == 1000 - 600 - len(water)  # the rest from the other strata
+    assert all(float(row["cloud_fraction"]) <= 0.5 for row in rows)
+
+    # each quota is the stratum's first chips in the seeded order
+    with psycopg.connect(cover_url) as conn:
+        (offset,) = conn.execute("SELECT stacchip.sample_offset(7)").fetchone()
+    for name, count in (("tree", 300), ("built", 100)):
+        ordered = sorted(
+            (key < offset, key, chip)
+            for chip, (d, key, cloud) in chips.items() if d == name and cloud <= 0.5
+        )  # fmt: skip
+        assert sorted(taken[name]) == sorted(chip for _, _, chip in ordered[:count])
+
+    # same seed, same chips; the --sql text gives them too; another seed, other chips
+    again, _ = _sample(cover_url, args)
+    assert [r["chip_id"] for r in again] == [r["chip_id"] for r in rows]
+    printed = run_cli(["sample", *args, "--sql"], database_url=cover_url)
+    assert "sample_chips_by_layer" in printed.stdout
+    with psycopg.connect(cover_url) as conn:
+        via_sql = [r[0] for r in conn.execute(printed.stdout)]
+    assert via_sql == [r["chip_id"] for r in rows]
+    other, _ = _sample(cover_url, [*args[:3], "8", *args[4:]])
+    assert {r["chip_id"] for r in other} != {r["chip_id"] for r in rows}
+
+
+def test_stratify_by_a_raster_layer_gives_equal_counts(cover_url: str) -> None:
+    rows, _ = _sample(cover_url, ["-n", "100", "--seed", "1", "--stratify-by", "layer:cover"])
+    chips = _dominant(cover_url)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[chips[row["chip_id"]][0]] = counts.get(chips[row["chip_id"]][0], 0) + 1
+    assert counts == {name: 20 for name in SHARES}
+
+
+def test_class_filter_keeps_chips_with_that_share(cover_url: str) -> None:
+    chips = _dominant(cover_url)
+    got = _chip_ids(cover_url, ["--class", "cover:built>=0.5"])
+    assert got == {c for c, (d, _, _) in chips.items() if d == "built"}
+    assert _chip_ids(cover_url, ["--class", "cover:built>=0.8"]) == set()
+    both = _chip_ids(cover_url, ["--class", "cover:built>=0.5", "--class", "cover:tree>=0.5"])
+    assert both == set()
+    line = error_line(run_cli(["chips", "--class", "cover:forest>=0.1"], database_url=cover_url))
+    assert "no class 'forest'" in line
+    line = error_line(run_cli(["sample", "-n", "10", "--stratify-by", "layer:cover",
+                               "--quota", "forest=0.5"], database_url=cover_url))  # fmt: skip
+    assert "no stratum 'forest'" in line
+
+
+def test_stratify_by_a_vector_layer_uses_the_feature_at_the_centre(
+    chips_url: str, zones_gpkg: Path
+) -> None:
+    _add(chips_url, "zones", zones_gpkg, "--column", "name")
+    rows, _ = _sample(chips_url, ["-n", "60", "--stratify-by", "layer:zones"])
+    with psycopg.connect(chips_url) as conn:
+        zones = {n: shapely.from_wkb(bytes(g)) for n, g in conn.execute(
+            "SELECT name, ST_AsBinary(geometry) FROM stacchip_layers.zones")}  # fmt: skip
+    counts: dict[str, int] = {}
+    for row in rows:
+        centre = shapely.from_wkt(row["geometry"]).centroid
+        (zone,) = [n for n, g in zones.items() if g.intersects(centre)]
+        counts[zone] = counts.get(zone, 0) + 1
+    assert counts == {"a": 30, "b": 30}
+    unusable = error_line(run_cli(["sample", "-n", "5", "--stratify-by", "layer:nothing"],
+                                  database_url=chips_url))  # fmt: skip
+    assert "unknown layer 'nothing'" in unusable
