@@ -22,7 +22,8 @@ The syntax, all of it (anything else between double braces is an error):
     {{filter_values}}                      `collections, bbox, …`
 
 A marker alone on its line expands to one item per line at its indentation (what `\\sf` shows),
-otherwise to one line.
+otherwise to one line. A file without a block of its own (`sql/030`) is expanded with the
+shipped `sql/010`'s filters (`expand(…, shipped_filters=True)`, as `db init` does).
 """
 
 from __future__ import annotations
