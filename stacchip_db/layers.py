@@ -228,12 +228,10 @@ def _plain(value: Any) -> Any:
     if value is None:
         return None
     try:
-        import pandas
-
-        if pandas.isna(value):
+        if value != value:  # NaN and NaT are not equal to themselves
             return None
-    except (TypeError, ValueError):  # arrays, lists: not missing
-        pass
+    except (TypeError, ValueError):  # pandas' NA has no truth value: missing
+        return None
     if hasattr(value, "to_pydatetime"):
         return value.to_pydatetime()
     if hasattr(value, "item"):
