@@ -423,6 +423,8 @@ _ALONE = (
     ("quarters",),
     ("max_cloud",),
     ("max_nodata",),
+    ("within",),
+    ("min_fractions",),
 )
 
 
@@ -510,6 +512,15 @@ def _no_chip_alone(conn: psycopg.Connection, f: ChipFilter, name: str) -> str:
         return f"bbox {box} is outside every chip; {_extent(conn)}"
     if name == "intersects":
         return f"the intersects geometry is outside every chip; {_extent(conn)}"
+    if name == "within":
+        match = f" whose {f.within[1]} is {f.within[2]!r}" if len(f.within) == 3 else ""
+        return f"no chip intersects a feature of layer {f.within[0]!r}{match}"
+    if name == "min_fractions":
+        wanted = ", ".join(f"{layer}:{c}>={v:g}" for layer, c, v in f.min_fractions)
+        return (
+            f"no chip has {wanted} (chips get fractions when a raster layer is added or "
+            "refreshed: stacchip-db layer list)"
+        )
     if name == "start":
         first, last = conn.execute(
             "SELECT min(datetime), max(datetime) FROM stacchip.chips"

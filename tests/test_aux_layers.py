@@ -116,7 +116,8 @@ def test_vector_layer_add_list_within_remove(chips_url: str, zones_gpkg: Path) -
     assert _chip_ids(chips_url, ["--within", "zones"]) == _expected_within(chips_url, everything)
     # a value no feature has: no chip (a warning, not an error)
     none = run_cli(["chips", "--within", "zones:name=zz"], database_url=chips_url)
-    assert none.exit_code == 0 and "Warning: no chips selected" in none.output
+    assert none.exit_code == 0
+    assert "no chip intersects a feature of layer 'zones' whose name is 'zz'" in none.output
 
     removed = run_cli(["layer", "remove", "zones"], database_url=chips_url)
     assert removed.exit_code == 0, removed.output
