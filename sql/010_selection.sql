@@ -126,7 +126,10 @@ $$;
 -- months 1-12; quarters 1-4; max_cloud and max_nodata are fractions 0..1. With `split`, only
 -- chips of that split by spatial block (`block_size` degrees, `split_fractions`); with
 -- `split_buffer` (degrees, 0 = strict), only chips whose footprint grown by it stays inside its
--- block, so no footprint of one split overlaps a block of another.
+-- block, so no footprint of one split overlaps a block of another. `within` ({layer} or
+-- {layer, column, value}): only chips intersecting that vector layer's (matching) features;
+-- `min_fractions` ({"layer": {"class": fraction}}): only chips with at least that share of each
+-- class of a raster layer (sql/005_layer_filters.sql, alembic 0009).
 {{filters}}
     collections text[] DEFAULT NULL,
     bbox float8[] DEFAULT NULL,
@@ -141,7 +144,9 @@ $$;
     split text DEFAULT NULL,
     block_size float8 DEFAULT 1.0,
     split_fractions float8[] DEFAULT '{0.8,0.1,0.1}',
-    split_buffer float8 DEFAULT NULL
+    split_buffer float8 DEFAULT NULL,
+    within text[] DEFAULT NULL,
+    min_fractions jsonb DEFAULT NULL
 {{end filters}}
 
 -- Every version of the selection functions goes first, whatever its parameters: a filter added
@@ -154,8 +159,11 @@ BEGIN
     FOR old IN
         SELECT p.oid FROM pg_proc AS p
         WHERE p.pronamespace = 'stacchip'::regnamespace
-          AND p.proname IN ('matching_chips', 'select_chips', 'sample_chips',
-                            'sample_chips_stratified', 'sample_chips_stratified_run')
+          AND (p.proname IN ('matching_chips', 'select_chips', 'sample_chips',
+                             'sample_chips_stratified', 'sample_chips_stratified_run')
+               -- and any other function returning the row type (sql/030's layer
+               -- sampler), which would otherwise keep the type below from being dropped
+               OR p.prorettype = to_regtype('stacchip.selected_chip'))
     LOOP
         EXECUTE format('DROP FUNCTION %s', old);
     END LOOP;
@@ -212,6 +220,21 @@ AS $$
             = stacchip.check_choice(matching_chips.split, '{train,val,test}', 'split'))
       AND (matching_chips.split_buffer IS NULL OR stacchip.chip_inside_block(
             c.geometry, matching_chips.block_size, matching_chips.split_buffer))
+      -- Scalar subqueries: computed once per query, and the geometry searched with the GiST.
+      AND (matching_chips.within IS NULL OR ST_Intersects(
+            c.geometry, (SELECT stacchip.layer_geometry(matching_chips.within))))
+      AND (matching_chips.min_fractions IS NULL OR NOT EXISTS (
+            SELECT 1
+            FROM jsonb_each((SELECT stacchip.checked_min_fractions(matching_chips.min_fractions)))
+                 AS wanted (layer, thresholds)
+            WHERE NOT EXISTS (
+                SELECT 1 FROM stacchip.chip_classes AS f
+                WHERE f.layer = wanted.layer AND f.collection = c.collection
+                  AND f.item_id = c.item_id AND f.chip_size = c.chip_size
+                  AND f.chip_index_x = c.chip_index_x AND f.chip_index_y = c.chip_index_y
+                  AND NOT EXISTS (
+                      SELECT 1 FROM jsonb_each_text(wanted.thresholds) AS t (class, fraction)
+                      WHERE coalesce((f.fractions ->> t.class)::real, 0) < t.fraction::real))))
 $$;
 
 -- The chips matching every given filter (see the filter block).

@@ -74,6 +74,8 @@ class IndexSummary(StoreResult):
     """Items indexed per (collection, rule, asset, profile)."""
     warnings: list[str] = field(default_factory=list)
     """Each distinct warning of `index_item` once (auto found no quality band)."""
+    layers: list[str] = field(default_factory=list)
+    """One line per raster layer whose class fractions the stored chips got (`layers`)."""
 
     def quality_rows(self) -> list[dict[str, Any]]:
         """Per collection, each rule used: its asset, the recognised profile, how many items."""
@@ -99,6 +101,7 @@ class IndexSummary(StoreResult):
             "timings": {step: round(seconds, 3) for step, seconds in self.timings.items()},
             "quality": self.quality_rows(),
             "warnings": self.warnings,
+            "layers": self.layers,
         }
 
     def describe(self) -> str:
@@ -122,6 +125,7 @@ class IndexSummary(StoreResult):
                 f"  {row['collection']}: quality {row['rule']}{asset}{profile}, "
                 f"{plural(row['items'], 'item')}"
             )
+        lines += [f"  {line}" for line in self.layers]
         return "\n".join(lines)
 
 
@@ -206,12 +210,14 @@ def index_items(
             log.debug("stacchip.chips is empty: bulk load")
         if on_plan is not None:
             on_plan(IndexPlan(count_items(paths), summary.bulk, automatic))
-        items = _indexed(paths, options, progress, summary)
+        read: list[tuple[str, str]] = []
+        items = _recorded(_indexed(paths, options, progress, summary), read)
         if summary.bulk:
             _bulk(conn, items, options, summary)
         else:
             extra = [stack.enter_context(db.connect()) for _ in range(writers - 1)]
             _batched(conn, extra, items, options, summary)
+        _fill_layers(conn, read, summary)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -275,6 +281,32 @@ def _indexed(
         summary.quality[key] += 1
         grid_size = (height // chip_size) * (width // chip_size)
         yield item, chips, grid_size - chips.num_rows
+
+
+def _recorded(
+    items: Iterator[tuple[dict[str, Any], Any, int]], keys: list[tuple[str, str]]
+) -> Iterator[tuple[dict[str, Any], Any, int]]:
+    """`items`, each one's `(collection, id)` appended to `keys` as it goes by."""
+    for entry in items:
+        keys.append((str(entry[0]["collection"]), str(entry[0]["id"])))
+        yield entry
+
+
+def _fill_layers(
+    conn: psycopg.Connection, keys: list[tuple[str, str]], summary: IndexSummary
+) -> None:
+    """The class fractions of the stored chips, for every raster layer (a step after storing:
+    the store protocol does not know layers). A failure is a warning, not the items'."""
+    from stacchip_db.layers import fill_fractions
+
+    try:
+        summary.layers += [s.describe() for s in fill_fractions(conn, items=keys)]
+        conn.commit()
+    except StacchipError as exc:
+        conn.rollback()
+        summary.warnings.append(
+            f"class fractions not computed: {exc}; run stacchip-db layer refresh NAME"
+        )
 
 
 def _batched(

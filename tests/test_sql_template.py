@@ -84,10 +84,10 @@ def test_a_new_filter_is_one_line_and_its_condition(database_url: str) -> None:
     filtering under select_chips and the samples); every selection function then takes it by
     name and passes it on."""
     text = (resource_dir("sql") / SELECTION_SQL).read_text()
-    line = "    split_buffer float8 DEFAULT NULL\n"
+    line = "    min_fractions jsonb DEFAULT NULL\n"  # the block's last line
     where = "    FROM stacchip.chips AS c\n    WHERE "
     assert text.count(line) == 1 and text.count(where) == 1
-    text = text.replace(line, "    split_buffer float8 DEFAULT NULL,\n    max_x int DEFAULT NULL\n")
+    text = text.replace(line, "    min_fractions jsonb DEFAULT NULL,\n    max_x int DEFAULT NULL\n")
     text = text.replace(
         where,
         f"{where}(matching_chips.max_x IS NULL OR c.chip_index_x <= matching_chips.max_x)\n AND ",

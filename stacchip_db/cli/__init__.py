@@ -32,6 +32,7 @@ LAZY_COMMANDS = {
     "preview": "stacchip_db.cli.pictures:preview",
     "map": "stacchip_db.cli.pictures:map_",
     "ingest": "stacchip_db.cli.ingest:ingest",
+    "layer": "stacchip_db.cli.layer:layer",
 }
 """The root group's commands: name -> `module:attribute`, imported on first use."""
 
@@ -54,6 +55,13 @@ PARAMETER_FLAGS = {
     "`cube_size`": "--cube-size",
     "`jobs`": "--jobs",
     "`bulk`": "--bulk",
+    "`name`": "NAME",
+    "`source`": "SOURCE",
+    "`columns`": "--column",
+    "`classes`": "--classes",
+    "`within`": "--within",
+    "`min_fractions`": "--class",
+    "`quotas`": "--quota",
 }
 """Library messages name the Python parameter in backticks; the CLI names its flag (or
 argument) instead."""

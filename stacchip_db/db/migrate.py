@@ -54,7 +54,7 @@ def sql_files() -> list[Path]:
 
 def sql_text(path: Path) -> str:
     """A shipped SQL file as it runs: its markers expanded (`sql_template`)."""
-    return expand(path.read_text())
+    return expand(path.read_text(), shipped_filters=True)
 
 
 def sql_checksum() -> str:

@@ -22,7 +22,8 @@ The syntax, all of it (anything else between double braces is an error):
     {{filter_values}}                      `collections, bbox, …`
 
 A marker alone on its line expands to one item per line at its indentation (what `\\sf` shows),
-otherwise to one line.
+otherwise to one line. A file without a block of its own (`sql/030`) is expanded with the
+shipped `sql/010`'s filters (`expand(…, shipped_filters=True)`, as `db init` does).
 """
 
 from __future__ import annotations
@@ -86,9 +87,15 @@ def parse_filters(text: str) -> tuple[Parameter, ...]:
     return tuple(parameters)
 
 
-def expand(text: str) -> str:
-    """`text` with its filter block removed and every marker replaced (see the module doc)."""
+def expand(text: str, *, shipped_filters: bool = False) -> str:
+    """`text` with its filter block removed and every marker replaced (see the module doc).
+
+    `shipped_filters`: a file without a block of its own (`sql/030`'s layer sampler) takes
+    the filters of the shipped `sql/010` (`selection_filters`).
+    """
     filters = parse_filters(text)
+    if not filters and shipped_filters:
+        filters = selection_filters()
     text = _BLOCK.sub("", text)
 
     def replace(match: re.Match[str]) -> str:
