@@ -18,7 +18,11 @@ def __getattr__(name: str):
         from stacchip_db.dataset import ChipDataset
 
         return ChipDataset
+    if name == "ChipSampler":
+        from stacchip_db.sampler import ChipSampler
+
+        return ChipSampler
     raise AttributeError(f"module 'stacchip_db' has no attribute {name!r}")
 
 
-__all__ = ["ChipDataset", "__version__", "index_item"]
+__all__ = ["ChipDataset", "ChipSampler", "__version__", "index_item"]
