@@ -39,7 +39,6 @@ from stacchip_db.errors import DatabaseError, StacchipError
 from stacchip_db.grid import chip_grid
 from stacchip_db.index import item_datetime
 from stacchip_db.reader import (
-    REMOTE_LANES,
     ChipRequest,
     is_remote,
     plan_reads,
@@ -312,8 +311,9 @@ class ChipDataset:
     turns that off (None: on unless `$STACCHIP_SIGN=0`).
 
     Reading (`reader.read_chips`, the reader prechip uses): the windows of a sample, or of a
-    batch, are read concurrently on `lanes` threads (default: `REMOTE_LANES` when the COGs are
-    remote, where round trips dominate; `LOCAL_LANES` for local files, where decompression does).
+    batch, are read concurrently on `lanes` threads (default: `REMOTE_SAMPLE_LANES` when the COGs
+    are remote, where round trips dominate; `LOCAL_LANES` for local files, where decompression
+    does).
     `prefetch` > 0 (samples) reads ahead: with a `ChipSampler` made for this dataset, each
     process reads the samples it will be asked for next (a DataLoader hands batches to its
     workers in turn, so a worker knows its next batches from the sampler's order) while the
@@ -424,7 +424,7 @@ class ChipDataset:
         if self.lanes is not None:
             return self.lanes
         remote = any(is_remote(r.href) for q in requests for r in q.reads or ())
-        return REMOTE_LANES if remote else LOCAL_LANES
+        return REMOTE_SAMPLE_LANES if remote else LOCAL_LANES
 
     def _read_ahead(self) -> _ReadAhead:
         ahead = self._ahead
@@ -457,6 +457,12 @@ class ChipDataset:
         state["_ahead"] = None  # threads and futures stay in their process
         return state
 
+
+REMOTE_SAMPLE_LANES = 16
+"""Concurrent reads of a sample or batch from remote COGs. Fewer than prechip's `REMOTE_LANES`:
+a DataLoader has several workers, each with read-ahead, and measured over +20 ms HTTP (bench/
+bench_loader.py) 10-20 lanes per worker moved more samples than 32, whose extra threads each
+open every asset again and cost CPU the workers need for decompression."""
 
 LOCAL_LANES = 4
 """Concurrent reads of a sample or batch from local files (decompression runs without the GIL,

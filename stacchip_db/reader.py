@@ -355,9 +355,9 @@ def read_chips(
     The one reading implementation: `read_item_chips` (prechip, stats, preview) is one request
     and ChipDataset a sample or a batch of them. The windows of all requests (asset x chips)
     are spread over at most `lanes` lanes (default: 1 when every asset is local, else
-    `REMOTE_LANES`); a single lane runs in the calling thread, more run on the process's lane
-    pool, pinned by href so the datasets each thread keeps open in `cache` (default `DATASETS`)
-    serve the next call too. Failures as in `read_item_chips`.
+    `REMOTE_LANES`); a single local lane runs in the calling thread, any other on the process's
+    lane pool, pinned by href so the datasets each thread keeps open in `cache` (default
+    `DATASETS`) serve the next call too. Failures as in `read_item_chips`.
     """
     cache = cache if cache is not None else DATASETS
     planned = []
@@ -424,8 +424,13 @@ def read_chips(
         for got, (request, grid, reads) in zip(results, planned, strict=True)
         for lane in _lanes(reads, len(request.chips), share if lanes > 1 else 1)
     ]
-    if lanes <= 1 or len(work) <= 1 or getattr(_LANE_THREAD, "active", False):
-        for args in work:  # in this thread (a lane thread never waits for other lanes)
+    # Remote reads never run in the calling thread: GDAL keeps a /vsicurl/ connection per
+    # thread, and a process forked from a thread holding one (a DataLoader's workers forked
+    # from the main thread) would share its socket with its siblings. A lane thread never
+    # waits for other lanes: it reads its own work inline.
+    inline = not remote and (lanes <= 1 or len(work) <= 1)
+    if inline or getattr(_LANE_THREAD, "active", False):
+        for args in work:
             run(*args)
     else:
         pool = lane_pool()
