@@ -318,7 +318,16 @@ def _quiesce() -> None:
 FORK_WAIT_S = 10.0
 """How long a fork waits for running lanes of the forking process."""
 
-os.register_at_fork(before=_quiesce)
+
+def _forget_in_child() -> None:
+    """In a forked child: the parent's pool and its lock (held, maybe, by a thread that does
+    not exist here) are not this process's."""
+    global _POOL, _POOL_LOCK
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+
+
+os.register_at_fork(before=_quiesce, after_in_child=_forget_in_child)
 
 
 # -- reading ------------------------------------------------------------------------------------

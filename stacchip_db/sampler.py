@@ -25,6 +25,7 @@ not import torch: the number of ranks and this process's rank are read from
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence, Sized
@@ -69,7 +70,8 @@ def _distributed() -> tuple[int, int]:
     """`(world size, rank)` from torch.distributed when it is imported and initialised."""
     torch_distributed = sys.modules.get("torch.distributed")
     if torch_distributed is None and "torch" in sys.modules:
-        import torch.distributed as torch_distributed  # torch is there already: no new cost
+        # torch is not a dependency: only looked up when the program has imported it
+        torch_distributed = importlib.import_module("torch.distributed")
     if (
         torch_distributed is not None
         and torch_distributed.is_available()
