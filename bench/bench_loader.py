@@ -7,7 +7,8 @@ shared with bench_prechip.py), 256 px chips, `DataLoader(num_workers=2, batch_si
 - `torchgeo`: TorchGeo's `RasterDataset` (`separate_files`, one file per band) with
   `RandomGeoSampler(size=256)` and `stack_samples`, on the same files;
 - `chipdataset`: `ChipDataset` over the scene's chips indexed in an embedded database (a random
-  sample of `--samples` chips, different per repetition), `ChipSampler` order, `prefetch=16`;
+  sample of `--samples` chips, different per repetition), `ChipSampler` order, `prefetch=16`
+  (`--prefetch`; `--lanes` replaces the dataset's default lanes);
 - `prechip-j1` (HTTP only): `prechip`'s read path with `--jobs 1` on the same chips, the rate
   the issue asks ChipDataset to reach over HTTP.
 
@@ -85,7 +86,7 @@ def _worker_chipdataset(spec: dict) -> tuple[float, float, int]:
 
     from stacchip_db import ChipSampler
 
-    dataset = _chip_dataset(spec, prefetch=PREFETCH)
+    dataset = _chip_dataset(spec, prefetch=spec["prefetch"], lanes=spec["lanes"])
     sampler = ChipSampler(dataset, seed=spec["seed"])
     loader = DataLoader(dataset, batch_size=BATCH, num_workers=WORKERS, sampler=sampler)
     start = time.perf_counter()
@@ -139,14 +140,15 @@ def _worker_prechip(spec: dict) -> tuple[float, float, int]:
     import numpy as np
 
     from stacchip_db.dataset import ChipSelection
-    from stacchip_db.prechip import plan_cubes, read_cubes
+    from stacchip_db.prechip import plan_cubes
+    from stacchip_db.read_engine import read_blocks
 
     dataset = _chip_dataset(spec)
     selection = ChipSelection(dataset.rows, dataset.items)
     start = time.perf_counter()
     plans = plan_cubes(selection, cube_size=len(selection.rows), bands=BANDS)
     total = 0.0
-    for cube in read_cubes(plans, selection.items, jobs=1):
+    for cube in read_blocks(plans, selection.items, jobs=1):
         total += float(cube.pixels.sum(dtype=np.float64))
     return time.perf_counter() - start, total, len(selection.rows)
 
@@ -256,6 +258,8 @@ def main() -> None:
     parser.add_argument("--kinds", default="torchgeo,chipdataset,prechip-j1")
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--prefetch", type=int, default=PREFETCH, help="ChipDataset's")
+    parser.add_argument("--lanes", type=int, default=None, help="ChipDataset's (its default)")
     parser.add_argument("--no-check", action="store_true", help="skip the fork/spawn check")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -281,7 +285,8 @@ def main() -> None:
         url = cluster.socket_url("bench")
         index_scene(url, item)
         warm(args.out)
-        base = {"item": item, "database_url": url, "root": str(args.out)}
+        base = {"item": item, "database_url": url, "root": str(args.out),
+                "prefetch": args.prefetch, "lanes": args.lanes}  # fmt: skip
         if not args.no_check:
             spec = args.out / "loader_check.json"
             spec.write_text(json.dumps({**base, "chips": pick_chips(48, 99), "seed": 99}))

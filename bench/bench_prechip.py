@@ -10,8 +10,8 @@ Contenders, each repetition in a fresh subprocess, in this order per repetition:
   `Chipper(NoStatsChipIndexer(item), assets=bands).chip(x, y)`, the pystac Item in memory;
 - `bound`: the same windows read sequentially with rasterio from datasets opened once (coarse
   bands at their own resolution, no upsampling, no assembling);
-- `ours jN`: `stacchip_db.prechip.read_cubes` with `--jobs N`: the prechip read path (tasks
-  per item, one open per asset per reader, windows, nearest upsampling, float32 cube).
+- `ours jN`: `stacchip_db.read_engine.read_blocks` with `--jobs N`: the prechip read path
+  (tasks per item, one open per asset per reader, windows, nearest upsampling, float32 cube).
 
 Scenarios: `local` (files on disk, page cache warm) and `http` (the same files behind
 `bench/latency_proxy.py`, +20 ms per request, read through GDAL's /vsicurl/). All contenders
@@ -97,7 +97,8 @@ def _worker_ours(item: dict, chips: list[list[int]], jobs: int) -> tuple[float, 
     import numpy as np
 
     from stacchip_db.dataset import ChipRow, ChipSelection
-    from stacchip_db.prechip import plan_cubes, read_cubes
+    from stacchip_db.prechip import plan_cubes
+    from stacchip_db.read_engine import read_blocks
 
     rows = [
         ChipRow(item["collection"], item["id"], CHIP_SIZE, x, y, datetime.now(UTC), 0, 0, b"")
@@ -107,7 +108,7 @@ def _worker_ours(item: dict, chips: list[list[int]], jobs: int) -> tuple[float, 
     start = time.perf_counter()
     plans = plan_cubes(selection, cube_size=len(rows), bands=BANDS)
     total = 0.0
-    for cube in read_cubes(plans, selection.items, jobs=jobs):
+    for cube in read_blocks(plans, selection.items, jobs=jobs):
         total += float(cube.pixels.sum(dtype=np.float64))
     return time.perf_counter() - start, total
 

@@ -1,6 +1,11 @@
 -- Chip selection, seeded sampling and spatial-block splits, callable from psql, QGIS or Python.
 -- Contract: stacchip_db/selection.py builds calls to these functions (its named arguments are
--- these parameter names); stacchip.chip_sample_key and its index come from alembic 0003.
+-- these parameter names; it reads the filters' names and types from the filter block below);
+-- stacchip.chip_sample_key and its index come from alembic 0003.
+--
+-- This file is a template: `db init` expands its double-brace markers before running it
+-- (stacchip_db/db/sql_template.py), so that the filter parameters, which every selection
+-- function takes by name, are written once, in the filter block.
 --
 -- The set-returning functions are single-SELECT `LANGUAGE sql STABLE` functions so PostgreSQL
 -- inlines them into the calling query: with constant arguments, unused filters fold away and the
@@ -109,16 +114,19 @@ AS $$
                 ELSE ST_Transform(g, 4326) END
 $$;
 
--- The chips matching every given filter (NULL = no filter). Bounds: start_time <= datetime <
--- end_time; bbox is {minx, miny, maxx, maxy} in degrees; months 1-12; quarters 1-4; max_cloud
--- and max_nodata are fractions 0..1. With `split`, only chips of that split by spatial block;
--- with `split_buffer` (degrees, 0 = strict), only chips whose footprint grown by it stays inside
--- its block, so no footprint of one split overlaps a block of another.
-DROP FUNCTION IF EXISTS stacchip.select_chips(
-    text[], float8[], geometry, timestamptz, timestamptz, int[], int[], real, real, int, text,
-    float8, float8[], float8
-);
-CREATE FUNCTION stacchip.select_chips(
+-- The filters of every selection function, in call order, each `name type DEFAULT value` (all
+-- optional: NULL = no filter). Written only here: the markers below expand to
+--   filter_parameters     these declarations, in a function's parameter list;
+--   filter_arguments P    `collections => P…, bbox => P…`: P a function name and a dot (passing
+--                         its own parameters on by name) or `$N` (numbered from N);
+--   filter_values         `collections, bbox, …` (a PL/pgSQL USING list, by position).
+-- A new filter is a line here and its condition in select_chips (and a ChipFilter field).
+-- Bounds: start_time <= datetime < end_time; bbox is {minx, miny, maxx, maxy} in degrees;
+-- months 1-12; quarters 1-4; max_cloud and max_nodata are fractions 0..1. With `split`, only
+-- chips of that split by spatial block (`block_size` degrees, `split_fractions`); with
+-- `split_buffer` (degrees, 0 = strict), only chips whose footprint grown by it stays inside its
+-- block, so no footprint of one split overlaps a block of another.
+{{filters}}
     collections text[] DEFAULT NULL,
     bbox float8[] DEFAULT NULL,
     intersects geometry DEFAULT NULL,
@@ -133,8 +141,31 @@ CREATE FUNCTION stacchip.select_chips(
     block_size float8 DEFAULT 1.0,
     split_fractions float8[] DEFAULT '{0.8,0.1,0.1}',
     split_buffer float8 DEFAULT NULL
-)
-RETURNS TABLE (
+{{end filters}}
+
+-- Every version of the selection functions goes first, whatever its parameters: a filter added
+-- or removed changes the signature, and an old signature left beside the new one would make
+-- named calls ambiguous. By name, from the catalog, so that no signature is written by hand.
+DO $$
+DECLARE
+    old regprocedure;
+BEGIN
+    FOR old IN
+        SELECT p.oid FROM pg_proc AS p
+        WHERE p.pronamespace = 'stacchip'::regnamespace
+          AND p.proname IN ('select_chips', 'sample_chips', 'sample_chips_stratified',
+                            'sample_chips_stratified_run')
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', old);
+    END LOOP;
+END
+$$;
+
+-- The row of every selection function: the chip's columns, its id first. (A type of its own,
+-- so that the functions do not each spell out the columns.) `geometry` without a typmod, as
+-- the former RETURNS TABLE gave it (function results keep none): clients see the same columns.
+DROP TYPE IF EXISTS stacchip.selected_chip;
+CREATE TYPE stacchip.selected_chip AS (
     chip_id text,
     collection text,
     item_id text,
@@ -144,8 +175,14 @@ RETURNS TABLE (
     datetime timestamptz,
     cloud_fraction real,
     nodata_fraction real,
-    geometry geometry(Polygon, 4326)
+    geometry geometry
+);
+
+-- The chips matching every given filter (see the filter block).
+CREATE FUNCTION stacchip.select_chips(
+    {{filter_parameters}}
 )
+RETURNS SETOF stacchip.selected_chip
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     SELECT stacchip.chip_id(c.item_id, c.chip_index_x, c.chip_index_y),
@@ -183,55 +220,20 @@ $$;
 -- leg is an ordered walk of the sampling-key index that stops after the chips it needs, so the
 -- cost grows with n / (fraction of chips passing the filters), not with the table. Rows come
 -- in sampling order; a sample of n is the first n chips of any larger sample with that seed.
-DROP FUNCTION IF EXISTS stacchip.sample_chips(
-    int, bigint, text[], float8[], geometry, timestamptz, timestamptz, int[], int[], real, real, int, text,
-    float8, float8[], float8
-);
 CREATE FUNCTION stacchip.sample_chips(
     n int,
     seed bigint DEFAULT 0,
-    collections text[] DEFAULT NULL,
-    bbox float8[] DEFAULT NULL,
-    intersects geometry DEFAULT NULL,
-    start_time timestamptz DEFAULT NULL,
-    end_time timestamptz DEFAULT NULL,
-    months int[] DEFAULT NULL,
-    quarters int[] DEFAULT NULL,
-    max_cloud real DEFAULT NULL,
-    max_nodata real DEFAULT NULL,
-    chip_size int DEFAULT NULL,
-    split text DEFAULT NULL,
-    block_size float8 DEFAULT 1.0,
-    split_fractions float8[] DEFAULT '{0.8,0.1,0.1}',
-    split_buffer float8 DEFAULT NULL
+    {{filter_parameters}}
 )
-RETURNS TABLE (
-    chip_id text,
-    collection text,
-    item_id text,
-    chip_size int,
-    chip_index_x int,
-    chip_index_y int,
-    datetime timestamptz,
-    cloud_fraction real,
-    nodata_fraction real,
-    geometry geometry(Polygon, 4326)
-)
+RETURNS SETOF stacchip.selected_chip
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     WITH selected AS NOT MATERIALIZED (
-        SELECT s.*,
+        SELECT s AS chip,
                stacchip.chip_sample_key(s.collection, s.item_id, s.chip_size,
                                         s.chip_index_x, s.chip_index_y) AS sample_key
         FROM stacchip.select_chips(
-            collections => sample_chips.collections, bbox => sample_chips.bbox,
-            intersects => sample_chips.intersects, start_time => sample_chips.start_time,
-            end_time => sample_chips.end_time, months => sample_chips.months,
-            quarters => sample_chips.quarters, max_cloud => sample_chips.max_cloud,
-            max_nodata => sample_chips.max_nodata, chip_size => sample_chips.chip_size,
-            split => sample_chips.split, block_size => sample_chips.block_size,
-            split_fractions => sample_chips.split_fractions,
-            split_buffer => sample_chips.split_buffer
+            {{filter_arguments sample_chips.}}
         ) AS s
     ),
     from_offset AS MATERIALIZED (
@@ -246,10 +248,9 @@ AS $$
         ORDER BY sample_key
         LIMIT greatest(sample_chips.n - (SELECT count(*) FROM from_offset), 0)
     )
-    SELECT chip_id, collection, item_id, chip_size, chip_index_x, chip_index_y, datetime,
-           cloud_fraction, nodata_fraction, geometry
+    SELECT (chosen.chip).*
     FROM (SELECT * FROM from_offset UNION ALL SELECT * FROM wrapped) AS chosen
-    ORDER BY lap, sample_key
+    ORDER BY chosen.lap, chosen.sample_key
 $$;
 
 -- Stratified sampling: each stratum present (`stratify_by` 'collection', 'year', 'quarter', or
@@ -272,65 +273,28 @@ $$;
 -- chips: PostGIS' function costs make it overrate them). Cost then grows with k / (share of
 -- the stratum passing the filters), not with the matching set. 'cell' strata cannot be listed
 -- without reading the chips, so they rank every matching chip (a sort of the filtered set:
--- filter first).
-DROP FUNCTION IF EXISTS stacchip.sample_chips_stratified(
-    int, bigint, text, float8, text[], float8[], geometry, timestamptz, timestamptz, int[], int[], real, real, int, text,
-    float8, float8[], float8
-);
-
--- The work, under another name: PL/pgSQL does not allow the filter `chip_size` beside the output
--- column `chip_size`, so the filter is `chip_size_filter` here.
-DROP FUNCTION IF EXISTS stacchip.sample_chips_stratified_run(
-    int, bigint, text, float8, text[], float8[], geometry, timestamptz, timestamptz, int[], int[], real, real, int, text,
-    float8, float8[], float8
-);
+-- filter first). The work is `sample_chips_stratified_run`; `sample_chips_stratified` is the
+-- SQL wrapper users call.
 CREATE FUNCTION stacchip.sample_chips_stratified_run(
     n int,
     seed bigint DEFAULT 0,
     stratify_by text DEFAULT 'collection',
     cell_size float8 DEFAULT 1.0,
-    collections text[] DEFAULT NULL,
-    bbox float8[] DEFAULT NULL,
-    intersects geometry DEFAULT NULL,
-    start_time timestamptz DEFAULT NULL,
-    end_time timestamptz DEFAULT NULL,
-    months int[] DEFAULT NULL,
-    quarters int[] DEFAULT NULL,
-    max_cloud real DEFAULT NULL,
-    max_nodata real DEFAULT NULL,
-    chip_size_filter int DEFAULT NULL,
-    split text DEFAULT NULL,
-    block_size float8 DEFAULT 1.0,
-    split_fractions float8[] DEFAULT '{0.8,0.1,0.1}',
-    split_buffer float8 DEFAULT NULL
+    {{filter_parameters}}
 )
-RETURNS TABLE (
-    chip_id text,
-    collection text,
-    item_id text,
-    chip_size int,
-    chip_index_x int,
-    chip_index_y int,
-    datetime timestamptz,
-    cloud_fraction real,
-    nodata_fraction real,
-    geometry geometry(Polygon, 4326)
-)
+RETURNS SETOF stacchip.selected_chip
 LANGUAGE plpgsql VOLATILE PARALLEL RESTRICTED
 -- The filters' PostGIS costs make every plan look expensive enough to compile; it never pays.
 SET jit = off
 AS $fn$
 DECLARE
-    -- $1..$14: the filters, $15: the seed's offset, $16: k, $17: n, $18: cell_size.
-    matching constant text := 'SELECT s.*, stacchip.chip_sample_key(s.collection, s.item_id, '
-        's.chip_size, s.chip_index_x, s.chip_index_y) AS sample_key '
-        'FROM stacchip.select_chips(collections => $1, bbox => $2, intersects => $3, '
-        'start_time => $4, end_time => $5, months => $6, quarters => $7, max_cloud => $8, '
-        'max_nodata => $9, chip_size => $10, split => $11, block_size => $12, '
-        'split_fractions => $13, split_buffer => $14) AS s';
-    quarter_of constant text := 'date_trunc(''quarter'', s.datetime AT TIME ZONE ''UTC'')';
-    columns constant text := 'chip_id, collection, item_id, chip_size, chip_index_x, '
-        'chip_index_y, datetime, cloud_fraction, nodata_fraction, geometry';
+    -- Every dynamic query below is run with the same parameters (`USING start_key, k, n,
+    -- cell_size, <the filters>`): $1 the seed's offset, $2 k, $3 n, $4 cell_size, and from $5
+    -- the filters, so that the numbers do not move when a filter is added.
+    start_key constant bigint := stacchip.sample_offset(seed);
+    matching constant text := 'SELECT s AS chip, stacchip.chip_sample_key(s.collection, '
+        's.item_id, s.chip_size, s.chip_index_x, s.chip_index_y) AS sample_key '
+        'FROM stacchip.select_chips({{filter_arguments $5}}) AS s';
     candidates text[] := '{}';  -- per candidate stratum: a query of its matching chips, keyed
     present text[] := '{}';
     first_time timestamptz;
@@ -355,23 +319,21 @@ BEGIN
             $q$
             WITH ranked AS (
                 SELECT m.*, row_number() OVER (
-                    PARTITION BY m.stratum ORDER BY m.sample_key < $15, m.sample_key
+                    PARTITION BY m.stratum ORDER BY m.sample_key < $1, m.sample_key
                 ) AS rank_in_stratum
-                FROM (SELECT k.*, stacchip.chip_block(k.geometry, $18) AS stratum
+                FROM (SELECT k.*, stacchip.chip_block((k.chip).geometry, $4) AS stratum
                       FROM (%s OFFSET 0) AS k) AS m
             ),
             capped AS (
                 SELECT ranked.*, count(*) FILTER (WHERE rank_in_stratum = 1) OVER () AS strata
-                FROM ranked WHERE rank_in_stratum <= $17
+                FROM ranked WHERE rank_in_stratum <= $3
             )
-            SELECT %s FROM capped
-            WHERE rank_in_stratum <= ceil($17::numeric / strata)
-            ORDER BY rank_in_stratum, sample_key < $15, sample_key
-            LIMIT $17
-            $q$, matching, columns)
-        USING collections, bbox, intersects, start_time, end_time, months, quarters,
-              max_cloud, max_nodata, chip_size_filter, split, block_size, split_fractions,
-              split_buffer, stacchip.sample_offset(seed), NULL::int, n, cell_size;
+            SELECT (capped.chip).* FROM capped
+            WHERE rank_in_stratum <= ceil($3::numeric / strata)
+            ORDER BY rank_in_stratum, sample_key < $1, sample_key
+            LIMIT $3
+            $q$, matching)
+        USING start_key, k, n, cell_size, {{filter_values}};
         RETURN;
     END IF;
 
@@ -433,9 +395,7 @@ BEGIN
     -- (stratum, key) index and stop after k: PostGIS' high function costs make it overrate a
     -- bitmap scan that reads every matching chip. Otherwise leave the choice to it.
     EXECUTE 'EXPLAIN (FORMAT JSON) ' || matching INTO plan
-        USING collections, bbox, intersects, start_time, end_time, months, quarters,
-              max_cloud, max_nodata, chip_size_filter, split, block_size, split_fractions,
-              split_buffer;
+        USING start_key, k, n, cell_size, {{filter_values}};
     bitmaps := current_setting('enable_bitmapscan');
     IF (plan -> 0 -> 'Plan' ->> 'Plan Rows')::float8 >= 4.0 * n THEN
         PERFORM set_config('enable_bitmapscan', 'off', true);
@@ -444,9 +404,7 @@ BEGIN
     -- The strata present: those with at least one matching chip.
     FOR i IN 1 .. coalesce(cardinality(candidates), 0) LOOP
         EXECUTE format('SELECT EXISTS (%s)', candidates[i]) INTO found
-            USING collections, bbox, intersects, start_time, end_time, months, quarters,
-                  max_cloud, max_nodata, chip_size_filter, split, block_size, split_fractions,
-                  split_buffer;
+            USING start_key, k, n, cell_size, {{filter_values}};
         IF found THEN
             present := present || candidates[i];
         END IF;
@@ -465,12 +423,12 @@ BEGIN
             $q$
             up_%1$s AS MATERIALIZED (
                 SELECT 0 AS lap, u.* FROM (%2$s) AS u
-                WHERE u.sample_key >= $15 ORDER BY u.sample_key LIMIT $16
+                WHERE u.sample_key >= $1 ORDER BY u.sample_key LIMIT $2
             ),
             wrapped_%1$s AS MATERIALIZED (
                 SELECT 1 AS lap, u.* FROM (%2$s) AS u
-                WHERE u.sample_key < $15 ORDER BY u.sample_key
-                LIMIT greatest($16 - (SELECT count(*) FROM up_%1$s), 0)
+                WHERE u.sample_key < $1 ORDER BY u.sample_key
+                LIMIT greatest($2 - (SELECT count(*) FROM up_%1$s), 0)
             ),
             $q$, i, present[i]);
         strata := strata || CASE WHEN i > 1 THEN ' UNION ALL ' ELSE '' END || format(
@@ -485,11 +443,9 @@ BEGIN
                 PARTITION BY t.stratum ORDER BY t.lap, t.sample_key) AS rank_in_stratum
             FROM (%s) AS t
         )
-        SELECT %s FROM ranked ORDER BY rank_in_stratum, lap, sample_key LIMIT $17
-        $q$, legs, strata, columns)
-    USING collections, bbox, intersects, start_time, end_time, months, quarters,
-          max_cloud, max_nodata, chip_size_filter, split, block_size, split_fractions,
-          split_buffer, stacchip.sample_offset(seed), k, n;
+        SELECT (ranked.chip).* FROM ranked ORDER BY rank_in_stratum, lap, sample_key LIMIT $3
+        $q$, legs, strata)
+    USING start_key, k, n, cell_size, {{filter_values}};
     PERFORM set_config('enable_bitmapscan', bitmaps, true);
 END
 $fn$;
@@ -499,37 +455,11 @@ CREATE FUNCTION stacchip.sample_chips_stratified(
     seed bigint DEFAULT 0,
     stratify_by text DEFAULT 'collection',
     cell_size float8 DEFAULT 1.0,
-    collections text[] DEFAULT NULL,
-    bbox float8[] DEFAULT NULL,
-    intersects geometry DEFAULT NULL,
-    start_time timestamptz DEFAULT NULL,
-    end_time timestamptz DEFAULT NULL,
-    months int[] DEFAULT NULL,
-    quarters int[] DEFAULT NULL,
-    max_cloud real DEFAULT NULL,
-    max_nodata real DEFAULT NULL,
-    chip_size int DEFAULT NULL,
-    split text DEFAULT NULL,
-    block_size float8 DEFAULT 1.0,
-    split_fractions float8[] DEFAULT '{0.8,0.1,0.1}',
-    split_buffer float8 DEFAULT NULL
+    {{filter_parameters}}
 )
-RETURNS TABLE (
-    chip_id text,
-    collection text,
-    item_id text,
-    chip_size int,
-    chip_index_x int,
-    chip_index_y int,
-    datetime timestamptz,
-    cloud_fraction real,
-    nodata_fraction real,
-    geometry geometry(Polygon, 4326)
-)
+RETURNS SETOF stacchip.selected_chip
 LANGUAGE sql STABLE
 AS $$
     SELECT * FROM stacchip.sample_chips_stratified_run(
-        n, seed, stratify_by, cell_size, collections, bbox, intersects, start_time, end_time,
-        months, quarters, max_cloud, max_nodata, chip_size, split, block_size, split_fractions,
-        split_buffer)
+        n, seed, stratify_by, cell_size, {{filter_values}})
 $$;

@@ -14,6 +14,10 @@ def __getattr__(name: str):
         from stacchip_db.index import index_item
 
         return index_item
+    if name in ("index_items", "IndexSummary"):
+        from stacchip_db import indexing
+
+        return getattr(indexing, name)
     if name == "ChipDataset":
         from stacchip_db.dataset import ChipDataset
 
@@ -25,4 +29,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'stacchip_db' has no attribute {name!r}")
 
 
-__all__ = ["ChipDataset", "ChipSampler", "__version__", "index_item"]
+__all__ = [
+    "ChipDataset",
+    "ChipSampler",
+    "IndexSummary",
+    "__version__",
+    "index_item",
+    "index_items",
+]

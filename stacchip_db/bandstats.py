@@ -26,18 +26,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from stacchip_db.dataset import ChipSelection
+from stacchip_db.dataset import ChipRow, ChipSelection, bands_for
 from stacchip_db.errors import StacchipError
-from stacchip_db.prechip import (
+from stacchip_db.paths import is_safe_name
+from stacchip_db.read_engine import (
     FailedChip,
     ReadTask,
     TaskResult,
     failed_chips,
-    plan_cubes,
+    read_task,
     read_tasks,
     run_tasks,
 )
-from stacchip_db.reader import read_item_chips
 from stacchip_db.sensors import SENSORS, sensor_for
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class BandStats:
         if pixels.shape[1] != len(bands):
             raise StatsError(
                 f"pixels have {pixels.shape[1]} bands but {len(bands)} band names were given "
-                f"({', '.join(bands)}); pass --bands matching the data"
+                f"({', '.join(bands)}); pass `bands` matching the data"
             )
         stats = cls.empty(bands)
         for c in range(len(bands)):  # one band at a time: float64 copies of one band only
@@ -167,13 +167,53 @@ def _nodata(collection: str, platform: str | None) -> float:
 
 def task_stats(nodata: dict[str, float], task: ReadTask) -> TaskResult:
     """Worker function of `selection_stats`: the statistics of one task's readable chips."""
-    got = read_item_chips(
-        task.item, task.chips, task.bands, chip_size=task.chip_size, lanes=task.lanes
-    )
+    got = read_task(task)
     pixels = got.pixels if got.ok.all() else got.pixels[got.ok]
     collection = task.item["collection"]
     stats = BandStats.from_pixels(pixels, task.bands, nodata[collection])
     return TaskResult(task, stats, got.ok, got.failures)
+
+
+BLOCK_SIZE = 128
+"""Chips per unit of work (as many as a prechip cube)."""
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Up to `BLOCK_SIZE` chips of one collection and chip size, sorted by key: a
+    `read_engine.ChipBlock`."""
+
+    collection: str
+    rows: list[ChipRow]
+    bands: list[str]
+
+
+def _blocks(
+    selection: ChipSelection, bands: Sequence[str] | None, platform: str | None
+) -> list[_Block]:
+    """The selection cut into units of work, in key order (chip size, collection, item, y, x:
+    an item's chips consecutive, as the engine needs)."""
+    rows = sorted(
+        selection.rows,
+        key=lambda r: (r.chip_size, r.collection, r.item_id, r.chip_index_y, r.chip_index_x),
+    )
+    blocks = []
+    for (_, collection), group in groupby(rows, key=lambda r: (r.chip_size, r.collection)):
+        chips = list(group)
+        # Statistics describe the chips prechip would export, which leaves these out.
+        if not is_safe_name(collection):
+            log.warning(
+                "collection %r cannot be a folder name: its %d chips are not exported",
+                collection,
+                len(chips),
+            )
+            continue
+        names = bands_for(collection, bands, platform)
+        blocks += [
+            _Block(collection, chips[start : start + BLOCK_SIZE], names)
+            for start in range(0, len(chips), BLOCK_SIZE)
+        ]
+    return blocks
 
 
 @dataclass
@@ -199,20 +239,15 @@ def selection_stats(
     lanes: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> StatsResult:
-    """Band statistics of the selected chips, read like prechip reads them (`jobs` workers).
+    """Band statistics of the selected chips, read like prechip reads them (`read_engine`,
+    `jobs` workers).
 
     Chips whose asset cannot be read are left out, listed in `failures` and logged one line
     each (chip id and href), as prechip does.
     """
-    # Cubes only as units of work here: chip sizes may differ, so plan each size apart.
-    plans = []
-    by_size = sorted(selection.rows, key=lambda r: r.chip_size)
-    for _, rows in groupby(by_size, key=lambda r: r.chip_size):
-        part = ChipSelection(list(rows), selection.items)
-        plans += plan_cubes(part, cube_size=128, keep_partial=True, bands=bands, platform=platform)
-    collections = {p.collection for p in plans}
-    nodata = {c: _nodata(c, platform) for c in collections}
-    tasks = read_tasks(plans, selection.items, jobs=jobs, lanes=lanes)
+    blocks = _blocks(selection, bands, platform)
+    nodata = {c: _nodata(c, platform) for c in {b.collection for b in blocks}}
+    tasks = read_tasks(blocks, selection.items, jobs=jobs, lanes=lanes)
     work = functools.partial(task_stats, nodata)
     result = StatsResult({})
     for done in run_tasks(tasks, work, jobs=jobs):
@@ -221,8 +256,8 @@ def selection_stats(
         previous = result.groups.get(group)
         result.groups[group] = done.value if previous is None else previous.merge(done.value)
         result.chips += int(done.ok.sum())
-        plan = plans[done.task.cube]
-        failures = failed_chips([plan.rows[p] for p in done.task.positions], done.failures)
+        block = blocks[done.task.block]
+        failures = failed_chips([block.rows[p] for p in done.task.positions], done.failures)
         for failure in failures:
             log.warning("%s; left out of the statistics", failure)
         result.failures += failures

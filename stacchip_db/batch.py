@@ -12,13 +12,17 @@ Each reads the original stacchip environment variables and runs `stacchip-db ing
 linz and modis read no sample source (the index picks a survey prefix / a tile).
 Optional: `STACCHIP_STAC_API` overrides the processor's default API. A missing variable is a
 one-line error naming it (exit 1); so is a processor that this stacchip-db does not have yet.
+
+`array_job_shard` reads an array job's index and size (`AWS_BATCH_JOB_ARRAY_SIZE`) for
+`stacchip-db prechip`, which writes that part of the cubes; this module is the one place
+that reads Batch's variables.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import click
 
@@ -26,6 +30,7 @@ from stacchip_db.config import DATABASE_URL_ENV
 from stacchip_db.errors import ConfigError, StacchipError
 
 INDEX_ENV = "AWS_BATCH_JOB_ARRAY_INDEX"
+ARRAY_SIZE_ENV = "AWS_BATCH_JOB_ARRAY_SIZE"
 BUCKET_ENV = "STACCHIP_BUCKET"
 STAC_API_ENV = "STACCHIP_STAC_API"
 
@@ -42,6 +47,30 @@ def target_from_bucket(value: str) -> str:
     if value.startswith(("s3://", "/", ".")):
         return value
     return f"s3://{value}"
+
+
+def array_job_shard(
+    shard_count: int | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[int, int] | None:
+    """`(index, count)` of this array job: `AWS_BATCH_JOB_ARRAY_INDEX`, and `shard_count` or
+    else `AWS_BATCH_JOB_ARRAY_SIZE`; None outside an array job. The caller checks the range
+    (`prechip.Shard.checked`)."""
+    environ = os.environ if environ is None else environ
+    index_text = environ.get(INDEX_ENV)
+    if index_text is None:
+        return None
+    count_text = shard_count if shard_count is not None else environ.get(ARRAY_SIZE_ENV)
+    if count_text is None:
+        raise ConfigError(
+            f"{INDEX_ENV} is set but the number of shards is not: pass `shard_count` N "
+            f"or set {ARRAY_SIZE_ENV}"
+        )
+    try:
+        return int(index_text), int(count_text)
+    except ValueError as e:
+        raise ConfigError(
+            f"{INDEX_ENV}={index_text!r} / shard count {count_text!r} are not integers"
+        ) from e
 
 
 def batch_args(processor_name: str) -> list[str]:

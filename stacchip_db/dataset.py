@@ -38,6 +38,7 @@ from stacchip_db.db.user_sql import QueryError, check_timeout, login_url, user_q
 from stacchip_db.errors import DatabaseError, StacchipError
 from stacchip_db.grid import chip_grid
 from stacchip_db.index import item_datetime
+from stacchip_db.read_engine import DATASETS
 from stacchip_db.reader import (
     ChipRequest,
     is_remote,
@@ -297,7 +298,7 @@ class ChipDataset:
     with a whole batch) reads the batch at once. Picklable: it holds the selected rows and
     their items, no connection, no open file and no thread; each worker process (fork or spawn)
     opens the COGs it needs on first use and keeps them open across samples
-    (`reader.DATASETS`, per reading thread).
+    (`read_engine.DATASETS`, entries per reading thread).
 
     `query` is SQL returning the chip key columns, a `selection.ChipFilter`, or a built
     `selection.SelectionQuery` (e.g. a seeded sample); it runs as `load_selection` runs it
@@ -412,7 +413,9 @@ class ChipDataset:
             requests.append(
                 ChipRequest(item, chips, bands, key[2], out=out, reads=plan[0], grid=plan[1])
             )
-        got = read_chips(requests, lanes=self._lanes(requests), sign=self.sign)
+        got = read_chips(
+            requests, lanes=self._lanes(requests), sign=self.sign, cache=DATASETS, keep_open=True
+        )
         pixels: list[np.ndarray] = [np.empty(0)] * len(indices)
         for request, members, result in zip(requests, groups.values(), got, strict=True):
             raise_failures(request.grid.item_id, request.chips, result)  # type: ignore[union-attr]

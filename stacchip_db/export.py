@@ -48,7 +48,8 @@ INDEX_SCHEMA = pa.schema(
         pa.field("geometry", pa.binary()),
     ]
 )
-"""Columns of an exported index file (the original stacchip's, geometry as WKB)."""
+"""Columns of an exported index file (the original stacchip's, geometry as WKB). Not built
+from `chip_schema`: the names, uint16 indices and dates are the original's format."""
 
 _EPSG_4326_PROJJSON: dict | None = None
 

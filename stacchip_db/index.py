@@ -14,25 +14,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from stacchip_db.chip_schema import FOOTPRINT_METADATA, chip_field
 from stacchip_db.errors import StacchipError
 from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS, chip_grid, item_view
 from stacchip_db.quality import NoQualityBandWarning, QualityRule, chip_fractions, choose_rule
 
 CHIP_SCHEMA = pa.schema(
     [
-        pa.field("chip_index_x", pa.int32(), nullable=False),
-        pa.field("chip_index_y", pa.int32(), nullable=False),
-        pa.field("cloud_fraction", pa.float32(), nullable=False),
-        pa.field("nodata_fraction", pa.float32(), nullable=False),
-        pa.field(
-            "geometry",
-            pa.binary(),
-            nullable=False,
-            metadata={b"encoding": b"WKB", b"crs": b"EPSG:4326"},
-        ),
+        chip_field("chip_index_x", nullable=False),
+        chip_field("chip_index_y", nullable=False),
+        chip_field("cloud_fraction", nullable=False),
+        chip_field("nodata_fraction", nullable=False),
+        chip_field("geometry", nullable=False).with_metadata(FOOTPRINT_METADATA),
     ]
 )
-"""Columns of `index_item`'s table: fractions are 0..1, geometry is a WKB Polygon in EPSG:4326."""
+"""Columns of `index_item`'s table (types from `chip_schema`; the `db` layer adds the key and
+the datetime): fractions are 0..1, geometry is a WKB Polygon in EPSG:4326."""
 
 MAX_NODATA = 0.5
 """Default: chips with more than half their pixels without data are not indexed."""

@@ -25,7 +25,7 @@ import shapely
 
 from stacchip_db.dataset import ChipSelection
 from stacchip_db.errors import StacchipError
-from stacchip_db.prechip import FailedChip, failed_chips
+from stacchip_db.read_engine import DATASETS, FailedChip, failed_chips
 from stacchip_db.reader import read_item_chips
 from stacchip_db.sensors import sensor_for
 
@@ -112,6 +112,7 @@ def preview_png(
             [(rows[p].chip_index_x, rows[p].chip_index_y) for p in members],
             bands,
             chip_size=chip_size,
+            datasets=DATASETS,
         )
         for i, p in enumerate(members):
             tiles[p] = stretch(got.pixels[i], known.nodata) if got.ok[i] else None

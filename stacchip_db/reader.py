@@ -9,11 +9,12 @@ platform's band order.
 
 Where the files are remote (HTTP, S3), latency and not bandwidth limits the reads, so the
 windows are spread over "lanes" run by the process's lane pool: long-lived threads, each lane
-pinned to a thread by its asset's href, so that the dataset a thread opened (header and tile
-index parsed once) serves the next chip, item or sample too (`DatasetCache`, per thread);
+pinned to a thread by its asset's href. A random-access reader (ChipDataset) keeps the datasets
+those threads open (`keep_open`, in the read engine's `DatasetCache`, entries per thread), so
+the dataset a thread opened (header and tile index parsed once) serves the next sample too;
 GDAL's /vsicurl/ cache shares file headers between threads. Local reads are CPU-bound (tile
 decompression) and run in one lane in the calling thread by default: the parallelism there
-comes from worker processes (`prechip --jobs`, a DataLoader's workers).
+comes from worker processes (`read_engine`, `prechip --jobs`, a DataLoader's workers).
 
 A window that cannot be read fails its chip, not the item: `ItemChips.failures` names the chip
 and the first href that failed it (one entry per chip), and the caller decides (prechip leaves
@@ -27,12 +28,12 @@ import os
 import queue
 import threading
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import rasterio
@@ -82,7 +83,7 @@ def plan_reads(item: Any, bands: Sequence[str]) -> list[AssetRead]:
     if missing:
         raise BandError(
             f"item {view.id}: no asset or named band for {', '.join(missing)} (assets: "
-            f"{', '.join(sorted(view.assets))}); pass --bands with names the item has"
+            f"{', '.join(sorted(view.assets))}); pass `bands` with names the item has"
         )
     reads: dict[str, tuple[list[int], list[int]]] = {}
     for position, band in enumerate(bands):
@@ -357,7 +358,8 @@ def read_chips(
     lanes: int | None = None,
     dtype: Any = None,
     sign: bool | None = None,
-    cache: DatasetCache | None = None,
+    cache: OpenDatasets | None = None,
+    keep_open: bool = False,
 ) -> list[ItemChips]:
     """Pixels of the chips of each request, all read in one go; one `ItemChips` per request.
 
@@ -365,10 +367,12 @@ def read_chips(
     and ChipDataset a sample or a batch of them. The windows of all requests (asset x chips)
     are spread over at most `lanes` lanes (default: 1 when every asset is local, else
     `REMOTE_LANES`); a single local lane runs in the calling thread, any other on the process's
-    lane pool, pinned by href so the datasets each thread keeps open in `cache` (default
-    `DATASETS`) serve the next call too. Failures as in `read_item_chips`.
+    lane pool, pinned by href. Datasets come from `cache` (the read engine's `DATASETS`) in the
+    calling thread, and in the pool's threads too with `keep_open` (random access: the next
+    sample finds its assets open in the thread its lanes are pinned to); else a lane opens its
+    assets and closes them when done (an item task's assets are not read again).
+    Failures as in `read_item_chips`.
     """
-    cache = cache if cache is not None else DATASETS
     planned = []
     for request in requests:
         # chips were already indexed: no limit on their number here
@@ -393,6 +397,7 @@ def read_chips(
             out = np.empty(shape, dtype=dtype or _dtype(request.item, reads))
         results.append(ItemChips(out, np.ones(n, dtype=bool)))
     lock = threading.Lock()
+    caller = threading.current_thread()
 
     def fail(got: ItemChips, position: int, href: str, exc: BaseException) -> None:
         with lock:
@@ -401,30 +406,43 @@ def read_chips(
                 got.failures.append(ChipFailure(position, href, first_line(exc)))
 
     def run(got: ItemChips, request: ChipRequest, grid: ChipGrid, lane: _Lane) -> None:
-        for read in lane.reads:
-            try:
-                src = cache.open(read.href, sign=sign)
-            except (RasterioError, OSError) as exc:
-                for position in lane.positions:
-                    fail(got, position, read.href, exc)
-                continue
-            where = f"asset {read.asset!r} ({read.href})"
-            # Consecutive output bands are a view: read into place. Else via a copy.
-            first, last = read.positions[0], read.positions[-1]
-            contiguous = last - first + 1 == len(read.positions)
-            for position in lane.positions:
-                if not got.ok[position]:
-                    continue
-                x, y = request.chips[position]
+        keep = cache is not None and (keep_open or threading.current_thread() is caller)
+        with ExitStack() as stack:
+            for read in lane.reads:
                 try:
-                    if contiguous:
-                        target = got.pixels[position, first : last + 1]
-                        _read_window(src, grid, x, y, read.indexes, where, out=target)
+                    if keep:
+                        src = cache.open(read.href, sign=sign)  # type: ignore[union-attr]
                     else:
-                        data = _read_window(src, grid, x, y, read.indexes, where)
-                        got.pixels[position, list(read.positions)] = data
+                        signed = sign_href(read.href, sign=sign)
+                        src = stack.enter_context(rasterio.open(signed))
                 except (RasterioError, OSError) as exc:
-                    fail(got, position, read.href, exc)
+                    for position in lane.positions:
+                        fail(got, position, read.href, exc)
+                    continue
+                read_lane(got, request, grid, lane, read, src)
+
+    def read_lane(
+        got: ItemChips, request: ChipRequest, grid: ChipGrid, lane: _Lane, read: AssetRead,
+        src: Any,
+    ) -> None:  # fmt: skip
+        """The lane's windows of one open asset."""
+        where = f"asset {read.asset!r} ({read.href})"
+        # Consecutive output bands are a view: read into place. Else via a copy.
+        first, last = read.positions[0], read.positions[-1]
+        contiguous = last - first + 1 == len(read.positions)
+        for position in lane.positions:
+            if not got.ok[position]:
+                continue
+            x, y = request.chips[position]
+            try:
+                if contiguous:
+                    target = got.pixels[position, first : last + 1]
+                    _read_window(src, grid, x, y, read.indexes, where, out=target)
+                else:
+                    data = _read_window(src, grid, x, y, read.indexes, where)
+                    got.pixels[position, list(read.positions)] = data
+            except (RasterioError, OSError) as exc:
+                fail(got, position, read.href, exc)
 
     # Each request gets its share of the lanes (at least one).
     share = max(1, lanes // max(1, len(planned)))
@@ -468,6 +486,7 @@ def read_item_chips(
     dtype: Any = None,
     out: np.ndarray | None = None,
     sign: bool | None = None,
+    datasets: OpenDatasets | None = None,
 ) -> ItemChips:
     """Pixels `(len(chips), len(bands), chip_size, chip_size)` of chips `(x, y)` of `item`.
 
@@ -478,11 +497,14 @@ def read_item_chips(
     An asset that cannot be opened fails every chip; a window that cannot be read, its chip.
     Planetary Computer hrefs are signed when opened (`signing.sign_href`; `sign=False` or
     `$STACCHIP_SIGN=0` turns it off).
+    With one lane, the datasets are opened through `datasets` (the read engine's
+    `DATASETS`), which keeps them open for the caller's next read; without it, and in lanes
+    run by threads, they are closed on return.
     Raises BandError / GridError when the item cannot give these bands on this grid at all,
     SigningError when no SAS token can be had.
     """
     request = ChipRequest(item, chips, bands, chip_size, out=out)
-    return read_chips([request], lanes=lanes, dtype=dtype, sign=sign)[0]
+    return read_chips([request], lanes=lanes, dtype=dtype, sign=sign, cache=datasets)[0]
 
 
 def _dtype(item: Any, reads: list[AssetRead]) -> np.dtype:
@@ -498,59 +520,12 @@ def _dtype(item: Any, reads: list[AssetRead]) -> np.dtype:
 # -- open datasets ------------------------------------------------------------------------------
 
 
-class DatasetCache:
-    """Open rasterio datasets of this process and thread, keyed by href (LRU, bounded).
-
-    GDAL datasets must not be shared between threads or inherited across fork (their file
-    offsets would be shared), so the cache is per thread and forgets everything when it finds
-    itself in a new process. A thread of the lane pool keeps at most `lane_size` (its lanes are
-    pinned to a few assets; 32 threads x `size` open remote datasets would be memory for
-    nothing), any other thread at most `size`.
-    """
-
-    def __init__(self, size: int = 64, lane_size: int = 8) -> None:
-        self.size = size
-        self.lane_size = lane_size
-        self._local = threading.local()
-
-    def _entries(self) -> OrderedDict[str, Any]:
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            local.pid = os.getpid()
-            local.entries = OrderedDict()  # inherited handles: dropped, not closed
-        return local.entries
+class OpenDatasets(Protocol):
+    """Where a reader gets datasets it may keep open: the read engine's `DatasetCache`."""
 
     def open(self, href: str, *, sign: bool | None = None) -> Any:
-        """The open dataset of `href` (signed when it needs it), opened on first use.
-
-        Keyed by the signed href: when its token is renewed, the dataset is opened again
-        with the new one rather than reading on with an expired token.
-        """
-        entries = self._entries()
-        href = sign_href(href, sign=sign)
-        src = entries.get(href)
-        if src is not None:
-            entries.move_to_end(href)
-            return src
-        if is_remote(href):
-            configure_gdal()
-        src = rasterio.open(href)
-        entries[href] = src
-        limit = self.lane_size if getattr(_LANE_THREAD, "active", False) else self.size
-        while len(entries) > limit:
-            _, old = entries.popitem(last=False)
-            old.close()
-        return src
-
-    def clear(self) -> None:
-        """Close every dataset this thread holds."""
-        entries = self._entries()
-        while entries:
-            entries.popitem()[1].close()
-
-
-DATASETS = DatasetCache()
-"""The process-wide cache the readers use (entries per thread)."""
+        """The open dataset of `href`, signed when it needs it; the cache closes it."""
+        ...
 
 
 def read_chip(
@@ -560,13 +535,14 @@ def read_chip(
     bands: Sequence[str],
     *,
     chip_size: int,
-    cache: DatasetCache = DATASETS,
+    cache: OpenDatasets,
     reads: list[AssetRead] | None = None,
     grid: ChipGrid | None = None,
     sign: bool | None = None,
     lanes: int | None = None,
 ) -> np.ndarray:
-    """Pixels `(len(bands), chip_size, chip_size)` of one chip, datasets reused via `cache`.
+    """Pixels `(len(bands), chip_size, chip_size)` of one chip, datasets reused via `cache`
+    (`read_engine.DATASETS`: this process's open datasets).
 
     `read_chips` with one chip (its bands read concurrently when `lanes` > 1).
     Raises ChipReadError naming the chip and the href when an asset cannot be read;
@@ -577,7 +553,7 @@ def read_chip(
     if not reads:
         raise BandError(f"chip {grid.item_id}-{x}-{y}: no bands requested")
     request = ChipRequest(item, [(x, y)], bands, chip_size, reads=reads, grid=grid)
-    got = read_chips([request], lanes=lanes, sign=sign, cache=cache)[0]
+    got = read_chips([request], lanes=lanes, sign=sign, cache=cache, keep_open=True)[0]
     raise_failures(grid.item_id, request.chips, got)
     return got.pixels[0]
 

@@ -58,7 +58,7 @@ def read_sample(source: str, index: int) -> Sample:
     if index >= len(frame):
         raise SampleSourceError(
             f"job index {index} is out of range: sample source {source} has {len(frame)} rows "
-            f"(indexes 0-{len(frame) - 1}); use a smaller --index"
+            f"(indexes 0-{len(frame) - 1}); use a smaller `index`"
         )
     if frame.crs is not None and frame.crs.to_epsg() != 4326:
         frame = frame.to_crs(4326)

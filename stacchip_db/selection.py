@@ -9,30 +9,28 @@ one pasteable string with the values inlined (`--sql`). Every query returns `CHI
 Other commands (prechip, stats, preview, map) build their selection here and wrap it:
 `SELECT … FROM ({selection.query}) AS chips`.
 
-Time bounds are half-open in SQL (`start_time <= datetime < end_time`); `parse_end` turns an
-inclusive user bound (a date: that whole day) into the exclusive one.
+Time bounds are half-open in SQL (`start_time <= datetime < end_time`); the CLI's `parse_end`
+(`cli/selection_options.py`, where option text is parsed) turns an inclusive user bound (a
+date: that whole day) into the exclusive one.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
-from pathlib import Path
+from dataclasses import Field, dataclass, field, fields
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import psycopg
 import pyarrow as pa
 import shapely
 from psycopg import sql
-from shapely.errors import GEOSException
-from shapely.geometry import shape
 
+from stacchip_db.chip_schema import chip_field
 from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
+from stacchip_db.db.sql_template import selection_filters
 from stacchip_db.errors import StacchipError
-from stacchip_db.text import first_line
 
 CHIP_COLUMNS = (
     "chip_id",
@@ -58,6 +56,8 @@ DEFAULT_BLOCK_SIZE = 1.0
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 DEFAULT_CELL_SIZE = 1.0
 """Degrees; the cell of `stratify_by='cell'`."""
+SQL_NAME = "sql"
+"""`ChipFilter` field metadata: the SQL parameter's name, when it is not the field's."""
 
 
 class SelectionError(StacchipError):
@@ -72,13 +72,17 @@ class ChipFilter:
     inclusive and `end` exclusive (see `parse_end`); fractions are 0..1. With `split`, only the
     chips of that split; `split_buffer` (degrees, 0 = strict) drops chips whose footprint grown
     by it crosses the edge of their block.
+
+    Each field is the filter parameter of the same name in `sql/010_selection.sql`'s filter
+    block (or the name in its `SQL_NAME` metadata), which the call passes it to: a new filter
+    is a field here and a line there (tests check that the two lists agree).
     """
 
     collections: tuple[str, ...] = ()
     bbox: tuple[float, float, float, float] | None = None
     intersects: str | None = None
-    start: datetime | None = None
-    end: datetime | None = None
+    start: datetime | None = field(default=None, metadata={SQL_NAME: "start_time"})
+    end: datetime | None = field(default=None, metadata={SQL_NAME: "end_time"})
     months: tuple[int, ...] = ()
     quarters: tuple[int, ...] = ()
     max_cloud: float | None = None
@@ -164,50 +168,44 @@ class SelectionQuery:
 
 # -- building the call ------------------------------------------------------------------------
 
-# (SQL parameter name, SQL type) for each filter argument, in the functions' order.
-_FILTER_ARGUMENTS = (
-    ("collections", "text[]"),
-    ("bbox", "float8[]"),
-    ("intersects", "geometry"),
-    ("start_time", "timestamptz"),
-    ("end_time", "timestamptz"),
-    ("months", "int[]"),
-    ("quarters", "int[]"),
-    ("max_cloud", "real"),
-    ("max_nodata", "real"),
-    ("chip_size", "int"),
-    ("split", "text"),
-    ("block_size", "float8"),
-    ("split_fractions", "float8[]"),
-    ("split_buffer", "float8"),
-)
-_TYPES = dict(_FILTER_ARGUMENTS) | {
-    "n": "int", "seed": "bigint", "stratify_by": "text", "cell_size": "float8"
-}
+# The sampling arguments, before the filters in the functions' parameter lists.
+_SAMPLING_TYPES = {"n": "int", "seed": "bigint", "stratify_by": "text", "cell_size": "float8"}
+
+
+def sql_parameter(chip_filter_field: Field[Any]) -> str:
+    """The SQL filter parameter a `ChipFilter` field is passed to."""
+    return chip_filter_field.metadata.get(SQL_NAME, chip_filter_field.name)
+
+
+def _sql_types() -> dict[str, str]:
+    """SQL parameter -> its type as `sql/010_selection.sql` declares it (the casts of the call)."""
+    return {p.name: p.type for p in selection_filters()} | _SAMPLING_TYPES
+
+
+def _sql_value(value: Any, sql_type: str) -> Any:
+    """A field's value as psycopg should send it to a parameter of `sql_type`."""
+    if isinstance(value, tuple):
+        value = list(value)
+        return [float(v) for v in value] if sql_type.startswith("float8") else value
+    return float(value) if sql_type == "float8" else value
 
 
 def _filter_values(chip_filter: ChipFilter) -> dict[str, Any]:
     """The SQL arguments this filter sets (unset ones are left to the functions' defaults)."""
-    f = chip_filter
-    values: dict[str, Any] = {
-        "collections": list(f.collections) or None,
-        "bbox": [float(v) for v in f.bbox] if f.bbox else None,
-        "intersects": f.intersects,
-        "start_time": f.start,
-        "end_time": f.end,
-        "months": list(f.months) or None,
-        "quarters": list(f.quarters) or None,
-        "max_cloud": f.max_cloud,
-        "max_nodata": f.max_nodata,
-        "chip_size": f.chip_size,
-        "split": f.split,
-    }
-    if f.split is not None or f.split_buffer is not None:
-        values["block_size"] = float(f.block_size)
-        if f.split_fractions != DEFAULT_SPLIT_FRACTIONS:
-            values["split_fractions"] = [float(v) for v in f.split_fractions]
-        values["split_buffer"] = f.split_buffer
-    return {name: value for name, value in values.items() if value is not None}
+    types = _sql_types()
+    values: dict[str, Any] = {}
+    for chip_filter_field in fields(ChipFilter):
+        value = getattr(chip_filter, chip_filter_field.name)
+        if value is None or value == ():
+            continue
+        name = sql_parameter(chip_filter_field)
+        values[name] = _sql_value(value, types[name])
+    # Block size and fractions only shape a split: without one they would be noise in `--sql`.
+    if chip_filter.split is None and chip_filter.split_buffer is None:
+        del values["block_size"], values["split_fractions"]
+    elif chip_filter.split_fractions == DEFAULT_SPLIT_FRACTIONS:
+        del values["split_fractions"]
+    return values
 
 
 def build_selection(
@@ -238,10 +236,13 @@ def build_selection(
         order = sql.SQL("")
     tail = sql.SQL("\nLIMIT {}").format(sql.Literal(limit)) if limit is not None else sql.SQL("")
 
+    types = _sql_types()
+
     def call(value_of: Any) -> sql.Composed:
+        # A geometry comes as WKT in EPSG:4326.
         args = [
             sql.SQL("ST_GeomFromText({}, 4326)").format(value_of(name, value))
-            if name == "intersects"
+            if types[name] == "geometry"
             else value_of(name, value)
             for name, value in arguments.items()
         ]
@@ -257,15 +258,15 @@ def build_selection(
         )
 
     def placeholder(name: str, _value: Any) -> sql.Composable:
-        if name == "intersects":
+        if types[name] == "geometry":
             return sql.Placeholder(name)
-        return sql.SQL("{}::{}").format(sql.Placeholder(name), sql.SQL(_TYPES[name]))
+        return sql.SQL("{}::{}").format(sql.Placeholder(name), sql.SQL(types[name]))
 
     def literal(name: str, value: Any) -> sql.Composable:
         # psycopg writes some literals with a cast already ('…'::timestamptz); add ours if not.
         text = sql.Literal(value).as_string(None)
-        if name != "intersects" and not text.endswith(f"::{_TYPES[name]}"):
-            text = f"{text}::{_TYPES[name]}"
+        if types[name] != "geometry" and not text.endswith(f"::{types[name]}"):
+            text = f"{text}::{types[name]}"
         return sql.SQL(text)
 
     return SelectionQuery(
@@ -280,20 +281,7 @@ def build_selection(
 BATCH_ROWS = 10_000
 """Rows `stream_chips` fetches per round trip (and yields per batch)."""
 
-CHIP_SCHEMA = pa.schema(
-    [
-        pa.field("chip_id", pa.string()),
-        pa.field("collection", pa.string()),
-        pa.field("item_id", pa.string()),
-        pa.field("chip_size", pa.int32()),
-        pa.field("chip_index_x", pa.int32()),
-        pa.field("chip_index_y", pa.int32()),
-        pa.field("datetime", pa.timestamp("us", tz="UTC")),
-        pa.field("cloud_fraction", pa.float32()),
-        pa.field("nodata_fraction", pa.float32()),
-        pa.field("geometry", pa.binary()),
-    ]
-)
+CHIP_SCHEMA = pa.schema([chip_field(name) for name in CHIP_COLUMNS])
 """Arrow types of `CHIP_COLUMNS`; `geometry` is ISO WKB (EPSG:4326)."""
 
 
@@ -540,7 +528,7 @@ def _split_reason(conn: psycopg.Connection, f: ChipFilter) -> str | None:
     )
 
 
-# -- parsing user input (shared by the CLI options and Python callers) ------------------------
+# -- checking typed values (ChipFilter, Sampling) ---------------------------------------------
 
 
 def check_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
@@ -563,92 +551,6 @@ def check_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
     return minx, miny, maxx, maxy
 
 
-def parse_bbox(text: str) -> tuple[float, float, float, float]:
-    """`minx,miny,maxx,maxy` (degrees) -> a checked tuple."""
-    try:
-        values = [float(part) for part in text.replace(" ", "").split(",")]
-    except ValueError as exc:
-        raise SelectionError(
-            f"bbox {text!r} is not four numbers minx,miny,maxx,maxy (degrees)"
-        ) from exc
-    return check_bbox(values)
-
-
-def _parse_instant(text: str) -> tuple[datetime, bool]:
-    """An ISO date or datetime (naive = UTC); the flag says whether it was a date alone."""
-    value = text.strip()
-    try:
-        if len(value) == 4 and value.isdigit():  # a year alone
-            return datetime(int(value), 1, 1, tzinfo=UTC), True
-        if len(value) <= 10:
-            day = date.fromisoformat(value)
-            return datetime.combine(day, time(), tzinfo=UTC), True
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise SelectionError(
-            f"{text!r} is not a date or datetime (2021-06-30, 2021-06-30T12:00:00Z, 2021)"
-        ) from exc
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)), False
-
-
-def parse_start(text: str) -> datetime:
-    """An inclusive lower bound: a year, a date (from its midnight, UTC) or a datetime."""
-    return _parse_instant(text)[0]
-
-
-def parse_end(text: str) -> datetime:
-    """An inclusive upper bound, returned exclusive: a year or date includes all of it."""
-    moment, whole = _parse_instant(text)
-    value = text.strip()
-    try:  # the exclusive bound is one year/day/microsecond later: past datetime.max for 9999
-        if whole and len(value) == 4:
-            return moment.replace(year=moment.year + 1)
-        return moment + (timedelta(days=1) if whole else timedelta(microseconds=1))
-    except (ValueError, OverflowError) as exc:
-        raise SelectionError(
-            f"end {text!r} is past the last date that can be given (9999-12-30); give an "
-            "earlier end or leave the end open"
-        ) from exc
-
-
-def parse_interval(text: str) -> tuple[datetime | None, datetime | None]:
-    """A STAC-style interval `START/END` (either end `..` or empty = open), or one date/year."""
-    if "/" not in text:
-        return parse_start(text), parse_end(text)
-    start_text, _, end_text = text.partition("/")
-    start = None if start_text.strip() in ("", "..") else parse_start(start_text)
-    end = None if end_text.strip() in ("", "..") else parse_end(end_text)
-    if start is None and end is None:
-        raise SelectionError(f"interval {text!r} is open at both ends: give a start or an end")
-    if start is not None and end is not None and start >= end:
-        raise SelectionError(
-            f"interval {text!r} is empty: it ends ({end_text.strip()}, inclusive) before it "
-            f"starts ({start_text.strip()}); give the earlier date first"
-        )
-    return start, end
-
-
-def parse_int_list(text: str, what: str, low: int, high: int) -> tuple[int, ...]:
-    """`6,7,8` -> (6, 7, 8), each within low..high."""
-    try:
-        values = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError as exc:
-        raise SelectionError(f"{what} {text!r} is not a comma-separated list of numbers") from exc
-    if not values:
-        raise SelectionError(f"{what} is empty: give numbers {low}-{high}")
-    _check_range(what, values, low, high)
-    return values
-
-
-def parse_split_fractions(text: str) -> tuple[float, float, float]:
-    """`0.8,0.1,0.1` -> train, val, test fractions (non-negative, summing to 1)."""
-    try:
-        values = tuple(float(part) for part in text.replace(" ", "").split(","))
-    except ValueError as exc:
-        raise SelectionError(f"split fractions {text!r} are not three numbers") from exc
-    return check_split_fractions(values)
-
-
 def check_split_fractions(values: Sequence[float]) -> tuple[float, float, float]:
     if len(values) != 3:
         raise SelectionError(
@@ -662,49 +564,6 @@ def check_split_fractions(values: Sequence[float]) -> tuple[float, float, float]
             "(e.g. 0.8,0.1,0.1)"
         )
     return float(values[0]), float(values[1]), float(values[2])
-
-
-def read_geometry(path: str | Path) -> str:
-    """The union of the geometries in a file, as WKT in EPSG:4326.
-
-    `.wkt`/`.txt`: WKT in lon/lat. `.json`/`.geojson`: a GeoJSON geometry, Feature or
-    FeatureCollection (lon/lat by RFC 7946). Anything else geopandas reads (GeoPackage,
-    FlatGeobuf, Shapefile…) is reprojected from its own CRS.
-    """
-    source = Path(path)
-    if not source.is_file():
-        raise SelectionError(f"geometry file {source} does not exist")
-    suffix = source.suffix.lower()
-    try:
-        if suffix in (".wkt", ".txt"):
-            geometry = shapely.from_wkt(source.read_text().strip())
-        elif suffix in (".json", ".geojson"):
-            geometry = _geojson_geometry(json.loads(source.read_text()))
-        else:
-            import geopandas  # only here: a second of import time the other paths do not pay
-
-            frame = geopandas.read_file(source)
-            if frame.crs is not None:
-                frame = frame.to_crs(4326)
-            geometry = shapely.union_all(frame.geometry.values)
-    except (GEOSException, ValueError, KeyError, TypeError, OSError) as exc:
-        raise SelectionError(
-            f"geometry file {source} could not be read ({first_line(exc)}): give WKT, "
-            "GeoJSON or a vector file geopandas reads"
-        ) from exc
-    if geometry is None or geometry.is_empty:
-        raise SelectionError(f"geometry file {source} holds no geometry")
-    return shapely.to_wkt(geometry, rounding_precision=-1)
-
-
-def _geojson_geometry(document: dict[str, Any]) -> shapely.Geometry:
-    kind = document.get("type")
-    if kind == "FeatureCollection":
-        shapes = [_geojson_geometry(f) for f in document.get("features", [])]
-        return shapely.union_all(shapes) if shapes else None
-    if kind == "Feature":
-        return shape(document["geometry"])
-    return shape(document)
 
 
 def _check_range(what: str, values: Sequence[int], low: int, high: int) -> None:

@@ -265,8 +265,8 @@ def sensor_for(collection: str, name: str | None = None) -> Sensor:
         if any(word in lowered for word in sensor.words):
             return sensor
     raise BandError(
-        f"cannot tell the platform of collection {collection!r}; pass --platform "
-        f"({', '.join(SENSORS)}) or --bands"
+        f"cannot tell the platform of collection {collection!r}; pass `platform` "
+        f"({', '.join(SENSORS)}) or `bands`"
     )
 
 

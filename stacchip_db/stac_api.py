@@ -127,7 +127,7 @@ def _errors(where: str) -> Iterator[None]:
         lines = str(exc).strip().splitlines()
         detail = lines[0][:300] if lines else type(exc).__name__
         raise StacApiError(
-            f"{where} failed after retries ({status}{detail}); check --stac-api and the search "
+            f"{where} failed after retries ({status}{detail}); check `stac_api` and the search "
             "parameters, or re-run the job later"
         ) from exc
     except requests.RequestException as exc:

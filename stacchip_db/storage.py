@@ -5,9 +5,11 @@ What this module guarantees, whatever the pair of schemes:
 
 - a copy whose destination already exists with the source's size is skipped (re-runs and
   resumed jobs cost one HEAD/stat per asset, not a transfer);
-- a half-finished copy never looks complete: local files are written under a temporary name
-  and renamed; S3 objects only become visible when the PUT / multipart upload / server-side
-  copy completes, so they are written in place;
+- a half-finished copy never looks complete: local files are written in a temporary folder
+  beside them and renamed; S3 objects only become visible when the PUT / multipart upload /
+  server-side copy completes, so they are written in place. `write_atomically` is the one way
+  to make a file-backed object whole or not at all, locally or on S3: the processors' copies
+  and derived COGs, prechip's cubes and manifests, the chip lists all go through it;
 - S3 to S3 is a server-side copy (boto3's managed copy: multipart above its threshold), with
   `RequestPayer=requester` when the source bucket is requester-pays;
 - HTTP sources are streamed in chunks (to a file, or as a multipart upload), never held whole
@@ -34,6 +36,7 @@ from urllib.parse import urlparse
 
 import boto3
 import requests
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -145,7 +148,14 @@ def _requester(requester_pays: bool) -> dict[str, str]:
     return {"RequestPayer": "requester"} if requester_pays else {}
 
 
+_S3_FAILURES = (ClientError, BotoCoreError, S3UploadFailedError)
+"""What boto3 raises when a request fails; its managed uploads wrap the cause in
+S3UploadFailedError, which is neither of the others."""
+
+
 def _s3_error(exc: Exception, url: str, action: str) -> StorageError:
+    if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
+        exc = exc.__context__  # the error S3 answered, which says what went wrong
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchKey", "NotFound"):
@@ -231,7 +241,7 @@ def _copy_to_s3(source: str, destination: str, requester_pays: bool) -> None:
                 client.upload_fileobj(response.raw, bucket, key)
         else:
             client.upload_file(str(source), bucket, key)
-    except (ClientError, BotoCoreError) as exc:
+    except _S3_FAILURES as exc:
         raise _s3_error(exc, destination, f"copy {source} to") from exc
 
 
@@ -274,20 +284,50 @@ def _http_stream(url: str) -> Iterator[requests.Response]:
             raise StorageError(f"reading {url} failed part-way: {exc}") from exc
 
 
-def write_atomically(destination: Path, fill: Callable[[Path], object]) -> None:
-    """Call `fill(tmp_path)` on a temporary file beside `destination`, then rename it over."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=".part", dir=destination.parent
-    )
-    os.close(fd)
-    tmp = Path(name)
+PARTIAL_SUFFIX = ".partial"
+"""Suffix of the hidden folder an object is written in before it is renamed into place."""
+
+
+def write_atomically(destination: str | Path, fill: Callable[[Path], object]) -> None:
+    """Make the object `destination` with `fill(path)`, whole or not at all.
+
+    `destination` is a local path, or an `s3://` URL (a str). `fill` writes the local file
+    `path`, named as `destination` is, in a private temporary folder: beside a local
+    destination, so that renaming it over the destination is atomic (readers see the old
+    object or the new one, never part of one), else in the system's temporary folder, whence it
+    is uploaded (an S3 object appears only when its upload completes). Whatever happens (an
+    error, a stop signal) the folder and what `fill` left in it go. Errors of `fill` and of the
+    local file system (OSError) pass through; a failed upload is a StorageError naming
+    `destination`.
+    """
+    url = destination if isinstance(destination, str) and is_s3(destination) else None
+    if url is not None:
+        name = file_name(url)
+        staging = Path(tempfile.mkdtemp(prefix="stacchip-", suffix=PARTIAL_SUFFIX))
+    else:
+        target = Path(destination)
+        name = target.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{name}.", suffix=PARTIAL_SUFFIX, dir=target.parent)
+        )
     try:
-        fill(tmp)
-        os.replace(tmp, destination)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        local = staging / name
+        fill(local)
+        if url is not None:
+            _upload(local, url)
+        else:
+            os.replace(local, target)  # same file system: atomic
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _upload(local: Path, url: str) -> None:
+    bucket, key = split_s3(url)
+    try:
+        s3_client().upload_file(str(local), bucket, key)  # multipart above boto3's threshold
+    except _S3_FAILURES as exc:
+        raise _s3_error(exc, url, "write") from exc
 
 
 # -- small objects ----------------------------------------------------------------------------

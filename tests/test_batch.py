@@ -12,7 +12,9 @@ import boto3
 import psycopg
 import pytest
 
+from stacchip_db.batch import array_job_shard
 from stacchip_db.demo import s2_sample_rows, write_sample_source
+from stacchip_db.errors import ConfigError
 from stacchip_db.processors import processors
 
 ENTRYPOINTS = ["sentinel-2", "landsat", "naip", "linz", "sentinel-1", "modis"]
@@ -103,6 +105,17 @@ def test_bad_index_is_one_line(tmp_path):
     result = run_entrypoint("sentinel-2", {"AWS_BATCH_JOB_ARRAY_INDEX": "first"})
     assert result.returncode == 1
     assert "AWS_BATCH_JOB_ARRAY_INDEX='first' is not a whole number" in result.stderr
+
+
+def test_array_job_shard_comes_from_the_environment():
+    assert array_job_shard(None, {}) is None
+    job = {"AWS_BATCH_JOB_ARRAY_INDEX": "3"}
+    assert array_job_shard(None, {**job, "AWS_BATCH_JOB_ARRAY_SIZE": "8"}) == (3, 8)
+    assert array_job_shard(4, {**job, "AWS_BATCH_JOB_ARRAY_SIZE": "8"}) == (3, 4)
+    with pytest.raises(ConfigError, match="AWS_BATCH_JOB_ARRAY_SIZE"):
+        array_job_shard(None, job)
+    with pytest.raises(ConfigError, match="'x' / shard count 2 are not integers"):
+        array_job_shard(2, {"AWS_BATCH_JOB_ARRAY_INDEX": "x"})
 
 
 def test_summary_is_json_friendly():

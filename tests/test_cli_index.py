@@ -438,7 +438,9 @@ def test_index_command_does_not_import_the_heavy_modules(tmp_path: Path) -> None
         "import sys\n"
         "from stacchip_db.cli import main\n"
         "main.get_command(None, 'index')\n"
-        "import stacchip_db.cli.index, stacchip_db.db.store, stacchip_db.index\n"
+        "import stacchip_db.cli.index, stacchip_db.db.store, stacchip_db.db.writer\n"
+        "import stacchip_db.db.bulk, stacchip_db.index\n"
+        "import stacchip_db.indexing, stacchip_db.item_sources\n"
         "heavy = ['geopandas', 'pandas', 'matplotlib', 'torch', 'stacchip_db.processors']\n"
         "print([m for m in heavy if m in sys.modules])\n"
     )

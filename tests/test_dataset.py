@@ -15,7 +15,7 @@ from rasterio.windows import Window
 
 from stacchip_db import ChipDataset
 from stacchip_db.dataset import QueryError, item_time, load_selection
-from stacchip_db.reader import DATASETS
+from stacchip_db.read_engine import DATASETS
 from stacchip_db.selection import ChipFilter
 from tests.conftest import S2_BANDS, store_indexed
 

@@ -20,7 +20,9 @@ import psycopg
 import pytest
 
 from stacchip_db.db import connect
-from stacchip_db.db.store import ItemWriter, minimal_collection, store_item
+from stacchip_db.db.items import minimal_collection
+from stacchip_db.db.store import store_item
+from stacchip_db.db.writer import ItemWriter
 from stacchip_db.demo import (
     NAIP_COLLECTION_FIXTURE,
     StacApiServer,

@@ -23,7 +23,10 @@ import shapely
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from stacchip_db.dataset import ChipSelection
 from stacchip_db.db.connection import connect
+from stacchip_db.errors import ConfigError
+from stacchip_db.prechip import export_cubes
 from stacchip_db.sensors import SENSORS
 from tests.conftest import REPO, error_line, run_cli, store_indexed
 
@@ -334,6 +337,22 @@ def test_cubes_to_s3_and_filter_options(
                 database_url=database_url)
     )  # fmt: skip
     assert "either --query" in line
+    # a bucket that does not exist: one line naming it, not boto3's traceback
+    missing = f"s3://{s3_bucket}-missing/export"
+    line = error_line(
+        run_cli(["prechip", "--query", ALL, "--cube-size", "10", "--out", missing],
+                database_url=database_url)
+    )  # fmt: skip
+    assert f"bucket of {missing}/" in line and "does not exist" in line
+
+
+def test_shard_parameters_of_the_library_are_checked(tmp_path: Path) -> None:
+    empty = ChipSelection([], {})
+    with pytest.raises(ConfigError, match="`shard_index` and `shard_count` go together"):
+        export_cubes(empty, str(tmp_path), shard_index=1)
+    with pytest.raises(ConfigError, match="`shard_index`/`shard_count`: need 0 <= I < N"):
+        export_cubes(empty, str(tmp_path), shard_index=2, shard_count=2)
+    assert export_cubes(empty, str(tmp_path), shard_index=1, shard_count=2).written == 0
 
 
 # -- stopping: signals and a dead parent leave nothing behind ----------------------------------

@@ -150,7 +150,7 @@ def test_ingest_copies_rewrites_indexes_stores_and_records(
         for asset in item["assets"].values():
             assert Path(asset["href"]).parent == folder
             assert Path(asset["href"]).stat().st_size > 0
-        assert not list(folder.glob("*.part"))
+        assert not list(folder.glob("*.partial"))  # storage.write_atomically's folders
 
     rows = db_rows(database_url)
     assert rows["items"] == sorted(i for _, i in expected)

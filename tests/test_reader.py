@@ -12,8 +12,8 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from stacchip_db.read_engine import DatasetCache
 from stacchip_db.reader import (
-    DatasetCache,
     _lanes,
     plan_reads,
     read_chip,
@@ -33,7 +33,7 @@ def test_platform_from_collection_id_or_option() -> None:
     )  # fmt: skip
     assert sensor_for("naip").bands == ("red", "green", "blue", "nir")
     assert sensor_for("whatever", "linz").name == "linz"
-    with pytest.raises(BandError, match="--platform"):
+    with pytest.raises(BandError, match="`platform`"):
         sensor_for("my-drone-flights")
     with pytest.raises(BandError, match="unknown platform 'drone'"):
         sensor_for("x", "drone")

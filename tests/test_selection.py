@@ -8,7 +8,7 @@ chips are known exactly. Large sets for statistics are generated in SQL.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 import psycopg
@@ -16,6 +16,14 @@ import pyarrow as pa
 import pytest
 import shapely
 
+from stacchip_db.cli.selection_options import (
+    parse_bbox,
+    parse_end,
+    parse_interval,
+    parse_start,
+    read_geometry,
+)
+from stacchip_db.db.sql_template import selection_filters
 from stacchip_db.db.store import store_item
 from stacchip_db.selection import (
     CHIP_COLUMNS,
@@ -24,11 +32,7 @@ from stacchip_db.selection import (
     SelectionError,
     build_selection,
     fetch_chips,
-    parse_bbox,
-    parse_end,
-    parse_interval,
-    parse_start,
-    read_geometry,
+    sql_parameter,
 )
 
 
@@ -226,6 +230,39 @@ def test_filters_use_the_indexes(chips_url: str) -> None:
             "start_time => '2020-01-01Z', end_time => '2021-01-01Z')")
         assert "chips_sample_key_idx" in plan(
             "SELECT * FROM stacchip.sample_chips(10, 3, max_cloud => 0.5)")
+
+
+SELECTION_FUNCTIONS = (
+    "select_chips", "sample_chips", "sample_chips_stratified", "sample_chips_stratified_run"
+)
+SAMPLING_PARAMETERS = ("n", "seed", "stratify_by", "cell_size")
+
+
+def test_every_chip_filter_field_is_a_parameter_of_each_selection_function(
+    database_url: str,
+) -> None:
+    """ChipFilter's fields and each SQL function's filters are one list: names, types, order."""
+    with psycopg.connect(database_url) as conn:
+        declared: dict[str, list[tuple[str, str]]] = {}
+        for function, name, sql_type in conn.execute(
+            "SELECT p.proname, a.name, format_type(a.type, NULL) FROM pg_proc AS p, "
+            "unnest(p.proargnames, p.proargtypes::oid[]) WITH ORDINALITY AS a(name, type, i) "
+            "WHERE p.pronamespace = 'stacchip'::regnamespace AND p.proname = ANY (%s) "
+            "AND p.proargmodes IS NULL "  # input parameters only, so names and types align
+            "ORDER BY p.proname, a.i",
+            [list(SELECTION_FUNCTIONS)],
+        ):
+            declared.setdefault(function, []).append((name, sql_type))
+        # The types `build_selection` casts the values to, as the server spells them.
+        expected = [
+            (name, conn.execute("SELECT format_type(%s::regtype, NULL)", [sql_type]).fetchone()[0])
+            for name, sql_type in ((p.name, p.type) for p in selection_filters())
+        ]
+    assert [sql_parameter(f) for f in fields(ChipFilter)] == [name for name, _ in expected]
+    assert sorted(declared) == sorted(SELECTION_FUNCTIONS)
+    for function, parameters in declared.items():
+        filters = [(name, t) for name, t in parameters if name not in SAMPLING_PARAMETERS]
+        assert filters == expected, function
 
 
 # -- sampling ---------------------------------------------------------------------------------

@@ -127,6 +127,29 @@ def test_write_and_read_text(s3_server, tmp_path):
         assert storage.read_text(url) == '{"id": "a"}'
 
 
+def test_write_atomically_makes_whole_objects_or_none(s3_server, tmp_path):
+    bucket = s3_server.new_bucket("whole")
+    for destination in (tmp_path / "d" / "x.bin", f"s3://{bucket}/d/x.bin"):
+        storage.write_atomically(destination, lambda path: path.write_bytes(DATA))
+        assert storage.object_size(str(destination)) == len(DATA)
+
+    def breaks(path: Path) -> None:
+        path.write_bytes(DATA[:10])
+        raise RuntimeError("stopped half-way")
+
+    for destination in (tmp_path / "e" / "y.bin", f"s3://{bucket}/e/y.bin"):
+        with pytest.raises(RuntimeError):
+            storage.write_atomically(destination, breaks)
+        assert storage.object_size(str(destination)) is None
+    assert list((tmp_path / "e").iterdir()) == []  # no partial file or folder stays
+    # boto3 wraps a failed upload in an error of its own: still one line naming the object
+    missing = f"s3://{bucket}-missing/x.bin"
+    with pytest.raises(StorageError, match=f"bucket of {missing} does not exist"):
+        storage.write_atomically(missing, lambda path: path.write_bytes(DATA))
+    with pytest.raises(StorageError, match="does not exist"):
+        copy_object(str(tmp_path / "d" / "x.bin"), missing)
+
+
 def test_names_and_targets():
     assert storage.join("s3://b/prefix/", "c", "i") == "s3://b/prefix/c/i"
     assert storage.file_name("https://a.blob.core.windows.net/c/x/B04.tif?sv=1&sig=2") == "B04.tif"

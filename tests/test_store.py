@@ -1,4 +1,5 @@
-"""Storing items and chips: pgstac upsert + stacchip.chips replacement (stacchip_db.db.store).
+"""Storing items and chips: pgstac upsert + stacchip.chips replacement (stacchip_db.db: store,
+writer, bulk, and their COPY encoder).
 
 Real items from tests/data/stac (`fixtures_dir`), small synthetic COGs for their quality bands,
 a fresh migrated database per test.
@@ -18,20 +19,22 @@ import pyarrow as pa
 import pytest
 
 from stacchip_db.db import connect
-from stacchip_db.db.store import (
-    CollectionMissing,
-    ItemError,
-    ItemExists,
-    ItemWriter,
-    OnConflict,
+from stacchip_db.db.bulk import (
     bulk_copy_data,
     bulk_load,
-    chips_copy_data,
     chips_table_is_empty,
-    store_item,
-    store_items,
     table_definitions,
 )
+from stacchip_db.db.items import ItemError, prepare_item
+from stacchip_db.db.store import (
+    CollectionMissing,
+    ItemExists,
+    OnConflict,
+    chips_copy_data,
+    store_item,
+    store_items,
+)
+from stacchip_db.db.writer import ItemWriter
 from stacchip_db.errors import DatabaseError
 from stacchip_db.index import index_item, item_datetime
 from stacchip_db.synthetic import synthesize_item
@@ -578,14 +581,12 @@ def test_bulk_copy_data_with_mixed_lengths_keeps_key_order() -> None:
             "geometry": pa.array(shapely.to_wkb([square, triangle, square, square]).tolist()),
         }
     )
-    from stacchip_db.db.store import _prepare
-
     def item(item_id: str) -> dict:
         return {"type": "Feature", "id": item_id, "collection": "c", "bbox": [0, 0, 1, 1],
                 "geometry": shapely.geometry.mapping(square),
                 "properties": {"datetime": "2020-01-01T00:00:00Z"}}
 
-    prepared = [_prepare(item(i), table) for i in ("bb", "a", "ccc")]
+    prepared = [prepare_item(item(i), table) for i in ("bb", "a", "ccc")]
     data, rows = bulk_copy_data(prepared, 8)
     assert rows == 12
     # Decode: per row, 9 fields: collection, item id, chip size, x, y, datetime, 2 fractions, WKB.
@@ -606,6 +607,34 @@ def test_bulk_copy_data_with_mixed_lengths_keeps_key_order() -> None:
                                         table["chip_index_y"].to_pylist(),
                                         table["geometry"].to_pylist(), strict=True)}
     assert all(f[8] == wkb[(k[1], k[2])] for f, k in zip(decoded, keys, strict=True))
+
+
+def test_copy_encoder_refuses_a_layout_it_cannot_build() -> None:
+    from stacchip_db.db.copy import copy_chip_rows
+
+    table = pa.table(
+        {
+            "chip_index_x": pa.array([0], pa.int32()),
+            "chip_index_y": pa.array([0], pa.int32()),
+            "cloud_fraction": pa.array([0.0], pa.float32()),
+            "nodata_fraction": pa.array([0.0], pa.float32()),
+            "geometry": pa.array([b"\x01"], pa.binary()),
+        }
+    )
+    with pytest.raises(ValueError, match="no COPY encoding for column footprint"):
+        copy_chip_rows(("item_no", "footprint"), [table])
+    with pytest.raises(ValueError, match="text columns must lead"):
+        copy_chip_rows(("chip_size", "item_id"), [table], {"chip_size": [8], "item_id": ["a"]})
+    with pytest.raises(ValueError, match="column datetime: no value per item"):
+        copy_chip_rows(("item_no", "datetime"), [table])
+    parts, rows = copy_chip_rows(("item_no", "chip_index_x"), [table, table])
+    assert rows == 2
+    # Per row: field count 2, then length 4 and value of item_no, length 4 and value of x.
+    expected = b"".join(
+        b"".join(v.to_bytes(size, "big") for v, size in ((2, 2), (4, 4), (n, 4), (4, 4), (0, 4)))
+        for n in (0, 1)
+    )
+    assert b"".join(parts)[19:-2] == expected  # between the header and the trailer
 
 
 def _slow_inserts(url: str) -> None:

@@ -42,8 +42,21 @@ PARAMETER_FLAGS = {
     "`quality_asset`": "--quality-asset",
     "`chip_size`": "--chip-size",
     "`max_chips`": "--max-chips",
+    "`sources`": "PATH_OR_URL",
+    "`collection`": "--collection",
+    "`index`": "--index",
+    "`prefix`": "--prefix",
+    "`stac_api`": "--stac-api",
+    "`bands`": "--bands",
+    "`platform`": "--platform",
+    "`shard_count`": "--shard-count",
+    "`keep_partial`": "--keep-partial",
+    "`cube_size`": "--cube-size",
+    "`jobs`": "--jobs",
+    "`bulk`": "--bulk",
 }
-"""Library messages name the Python parameter in backticks; the CLI names its flag instead."""
+"""Library messages name the Python parameter in backticks; the CLI names its flag (or
+argument) instead."""
 
 
 def in_cli_words(text: str) -> str:

@@ -30,6 +30,12 @@ class CliContext:
 pass_cli = click.make_pass_decorator(CliContext)
 
 
+def quiet() -> bool:
+    """True under `stacchip-db -q`."""
+    cli = click.get_current_context().find_object(CliContext)
+    return bool(cli and cli.quiet)
+
+
 def _apply_signing(ctx: click.Context, _param: click.Parameter, value: bool | None) -> None:
     # For the command's run only (its worker processes inherit it), not the caller's process.
     if value is not None:

@@ -4,20 +4,23 @@ with `stats`, `preview` and `map`."""
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from stacchip_db.cli.options import CliContext, sign_option, with_database
+from stacchip_db.cli.options import sign_option, with_database
+from stacchip_db.cli.progress import progress_bar
 from stacchip_db.cli.selection_options import selection_options, warn_empty
 from stacchip_db.dataset import STATEMENT_TIMEOUT_S, ChipSelection, load_selection
 from stacchip_db.db import Database
 from stacchip_db.errors import ConfigError
 from stacchip_db.selection import ChipFilter, Sampling, build_selection
 from stacchip_db.sensors import SENSORS
+
+if TYPE_CHECKING:
+    from stacchip_db.prechip import Shard
 
 log = logging.getLogger(__name__)
 
@@ -105,47 +108,20 @@ def band_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return bands(platform(func))
 
 
-def quiet() -> bool:
-    """True under `stacchip-db -q`."""
-    cli = click.get_current_context().find_object(CliContext)
-    return bool(cli and cli.quiet)
+def _shard_of(shard: str | None, shard_count: int | None) -> Shard | None:
+    """The part to write: `--shard I/N`, else the AWS Batch array job's (N from
+    `--shard-count` or the job's size: `batch.array_job_shard`); None for all of it."""
+    from stacchip_db.batch import INDEX_ENV, array_job_shard
+    from stacchip_db.prechip import Shard
 
-
-class ChipProgress:
-    """A progress bar on stderr counting chips, with the rate; silent under -q."""
-
-    def __init__(self, label: str, quiet: bool) -> None:
-        self.label = label
-        self.quiet = quiet
-        self.bar: Any = None
-        self.done = 0
-        self.started = time.perf_counter()
-
-    def start(self, total: int) -> None:
-        if self.quiet or total == 0:
-            return
-        self.bar = click.progressbar(
-            length=total,
-            label=self.label,
-            file=sys.stderr,
-            show_pos=True,
-            item_show_func=lambda _: self._rate(),
-        )
-        self.bar.__enter__()
-
-    def _rate(self) -> str:
-        elapsed = time.perf_counter() - self.started
-        return f"{self.done / elapsed:.1f} chips/s" if elapsed > 0 else ""
-
-    def advance(self, chips: int) -> None:
-        self.done += chips
-        if self.bar is not None:
-            self.bar.update(chips, current_item=self.done)
-
-    def finish(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
+    if shard is not None:
+        try:
+            index, count = (int(v) for v in shard.split("/"))
+        except ValueError as e:
+            raise ConfigError(f"--shard {shard!r} is not I/N (e.g. 0/4)") from e
+        return Shard.checked(index, count, f"--shard {shard}")
+    job = array_job_shard(shard_count)
+    return None if job is None else Shard.checked(*job, INDEX_ENV)
 
 
 @click.command()
@@ -202,12 +178,11 @@ def prechip(
 
     Exit status 3 when some chips could not be read (they are named on stderr and left out).
     """
-    from stacchip_db.prechip import export_cubes, shard_from_options
+    from stacchip_db.prechip import export_cubes
 
-    part = shard_from_options(shard, shard_count)
+    part = _shard_of(shard, shard_count)
     selection = select(db, query, statement_timeout, chip_filter, sampling)
-    progress = ChipProgress("prechip", quiet())
-    try:
+    with progress_bar("prechip", unit="chips") as progress:
         summary = export_cubes(
             selection,
             out,
@@ -216,14 +191,13 @@ def prechip(
             platform=platform,
             jobs=jobs,
             lanes=threads,
-            shard=part,
+            shard_index=part.index if part else None,
+            shard_count=part.count if part else None,
             keep_partial=keep_partial,
             compress=compress,
             progress=progress.advance,
             on_plan=progress.start,
         )
-    finally:
-        progress.finish()
     where = f" (shard {part.index}/{part.count})" if part else ""
     click.echo(f"{summary.describe()}{where}; output in {out}")
     if summary.failed:

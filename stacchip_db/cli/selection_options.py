@@ -4,6 +4,8 @@
 ChipFilter`; `sample_options(required=...)` adds -n/--sample, --seed, --stratify-by and
 --cell-size and hands it `sampling: Sampling | None` (None when -n is not given);
 `selection_options(...)` is both. Bad values are usage errors (exit 2) naming the option.
+The option texts (a bbox, dates, an interval, lists, a geometry file) are parsed here into the
+typed values `ChipFilter` takes; the library checks those values, it parses no text.
 
     @click.command()
     @selection_options()
@@ -13,12 +15,19 @@ ChipFilter`; `sample_options(required=...)` adds -n/--sample, --seed, --stratify
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 from collections.abc import Callable
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 from typing import Any
 
 import click
 import psycopg
+import shapely
+from shapely.errors import GEOSException
+from shapely.geometry import shape
 
 from stacchip_db.selection import (
     DEFAULT_BLOCK_SIZE,
@@ -29,22 +38,148 @@ from stacchip_db.selection import (
     Sampling,
     SelectionError,
     SelectionQuery,
+    check_bbox,
+    check_split_fractions,
     explain_empty,
-    parse_bbox,
-    parse_end,
-    parse_int_list,
-    parse_interval,
-    parse_split_fractions,
-    parse_start,
-    read_geometry,
 )
+from stacchip_db.text import first_line
 
-_FILTER_PARAMS = (
-    "collections", "bbox", "intersects", "start", "end", "datetime_interval", "months",
-    "quarters", "max_cloud", "max_nodata", "chip_size", "split", "block_size",
-    "split_fractions", "split_buffer",
-)
-_SAMPLE_PARAMS = ("sample_n", "seed", "stratify_by", "cell_size")
+# -- option text -> typed values (SelectionError: a usage error naming the option) ------------
+
+
+def parse_bbox(text: str) -> tuple[float, float, float, float]:
+    """`minx,miny,maxx,maxy` (degrees) -> a checked tuple."""
+    try:
+        values = [float(part) for part in text.replace(" ", "").split(",")]
+    except ValueError as exc:
+        raise SelectionError(
+            f"bbox {text!r} is not four numbers minx,miny,maxx,maxy (degrees)"
+        ) from exc
+    return check_bbox(values)
+
+
+def _parse_instant(text: str) -> tuple[datetime, bool]:
+    """An ISO date or datetime (naive = UTC); the flag says whether it was a date alone."""
+    value = text.strip()
+    try:
+        if len(value) == 4 and value.isdigit():  # a year alone
+            return datetime(int(value), 1, 1, tzinfo=UTC), True
+        if len(value) <= 10:
+            day = date.fromisoformat(value)
+            return datetime.combine(day, time(), tzinfo=UTC), True
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise SelectionError(
+            f"{text!r} is not a date or datetime (2021-06-30, 2021-06-30T12:00:00Z, 2021)"
+        ) from exc
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)), False
+
+
+def parse_start(text: str) -> datetime:
+    """An inclusive lower bound: a year, a date (from its midnight, UTC) or a datetime."""
+    return _parse_instant(text)[0]
+
+
+def parse_end(text: str) -> datetime:
+    """An inclusive upper bound, returned exclusive: a year or date includes all of it."""
+    moment, whole = _parse_instant(text)
+    value = text.strip()
+    try:  # the exclusive bound is one year/day/microsecond later: past datetime.max for 9999
+        if whole and len(value) == 4:
+            return moment.replace(year=moment.year + 1)
+        return moment + (timedelta(days=1) if whole else timedelta(microseconds=1))
+    except (ValueError, OverflowError) as exc:
+        raise SelectionError(
+            f"end {text!r} is past the last date that can be given (9999-12-30); give an "
+            "earlier end or leave the end open"
+        ) from exc
+
+
+def parse_interval(text: str) -> tuple[datetime | None, datetime | None]:
+    """A STAC-style interval `START/END` (either end `..` or empty = open), or one date/year."""
+    if "/" not in text:
+        return parse_start(text), parse_end(text)
+    start_text, _, end_text = text.partition("/")
+    start = None if start_text.strip() in ("", "..") else parse_start(start_text)
+    end = None if end_text.strip() in ("", "..") else parse_end(end_text)
+    if start is None and end is None:
+        raise SelectionError(f"interval {text!r} is open at both ends: give a start or an end")
+    if start is not None and end is not None and start >= end:
+        raise SelectionError(
+            f"interval {text!r} is empty: it ends ({end_text.strip()}, inclusive) before it "
+            f"starts ({start_text.strip()}); give the earlier date first"
+        )
+    return start, end
+
+
+def parse_int_list(text: str, what: str, low: int, high: int) -> tuple[int, ...]:
+    """`6,7,8` -> (6, 7, 8), each within low..high."""
+    try:
+        values = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError as exc:
+        raise SelectionError(f"{what} {text!r} is not a comma-separated list of numbers") from exc
+    if not values:
+        raise SelectionError(f"{what} is empty: give numbers {low}-{high}")
+    bad = [v for v in values if not low <= v <= high]
+    if bad:  # said here, naming the option's value (ChipFilter would name its field)
+        raise SelectionError(f"{what} {bad[0]} is out of range: give numbers {low}-{high}")
+    return values
+
+
+def parse_split_fractions(text: str) -> tuple[float, float, float]:
+    """`0.8,0.1,0.1` -> train, val, test fractions (non-negative, summing to 1)."""
+    try:
+        values = tuple(float(part) for part in text.replace(" ", "").split(","))
+    except ValueError as exc:
+        raise SelectionError(f"split fractions {text!r} are not three numbers") from exc
+    return check_split_fractions(values)
+
+
+def read_geometry(path: str | Path) -> str:
+    """The union of the geometries in a file, as WKT in EPSG:4326.
+
+    `.wkt`/`.txt`: WKT in lon/lat. `.json`/`.geojson`: a GeoJSON geometry, Feature or
+    FeatureCollection (lon/lat by RFC 7946). Anything else geopandas reads (GeoPackage,
+    FlatGeobuf, Shapefile…) is reprojected from its own CRS.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise SelectionError(f"geometry file {source} does not exist")
+    suffix = source.suffix.lower()
+    try:
+        if suffix in (".wkt", ".txt"):
+            geometry = shapely.from_wkt(source.read_text().strip())
+        elif suffix in (".json", ".geojson"):
+            geometry = _geojson_geometry(json.loads(source.read_text()))
+        else:
+            import geopandas  # only here: a second of import time the other paths do not pay
+
+            frame = geopandas.read_file(source)
+            if frame.crs is not None:
+                frame = frame.to_crs(4326)
+            geometry = shapely.union_all(frame.geometry.values)
+    except (GEOSException, ValueError, KeyError, TypeError, OSError) as exc:
+        raise SelectionError(
+            f"geometry file {source} could not be read ({first_line(exc)}): give WKT, "
+            "GeoJSON or a vector file geopandas reads"
+        ) from exc
+    if geometry is None or geometry.is_empty:
+        raise SelectionError(f"geometry file {source} holds no geometry")
+    return shapely.to_wkt(geometry, rounding_precision=-1)
+
+
+def _geojson_geometry(document: dict[str, Any]) -> shapely.Geometry:
+    kind = document.get("type")
+    if kind == "FeatureCollection":
+        shapes = [_geojson_geometry(f) for f in document.get("features", [])]
+        return shapely.union_all(shapes) if shapes else None
+    if kind == "Feature":
+        return shape(document["geometry"])
+    return shape(document)
+
+
+# -- the options ------------------------------------------------------------------------------
+
 _TYPED = "stacchip_db.typed"
 """`click.Context.meta` key: option name -> the text typed, for messages."""
 
@@ -86,26 +221,19 @@ def _time_bounds(kwargs: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _build_filter(kwargs: dict[str, Any]) -> ChipFilter:
-    """Pop the filter options out of a command's kwargs and make the `ChipFilter`."""
+    """Pop the filter options out of a command's kwargs and make the `ChipFilter`.
+
+    Each option is named after its `ChipFilter` field (the one Python list of filters), so a
+    new filter needs its option and nothing here; an option not given keeps the field's
+    default. `--datetime` or `--start`/`--end` become the `start`/`end` fields."""
     start, end = _time_bounds(kwargs)
-    values = {name: kwargs.pop(name) for name in _FILTER_PARAMS if name in kwargs}
+    given = {
+        f.name: value
+        for f in dataclasses.fields(ChipFilter)
+        if f.name in kwargs and (value := kwargs.pop(f.name)) not in (None, ())
+    }
     try:
-        return ChipFilter(
-            collections=tuple(values["collections"]),
-            bbox=values["bbox"],
-            intersects=values["intersects"],
-            start=start,
-            end=end,
-            months=values["months"] or (),
-            quarters=values["quarters"] or (),
-            max_cloud=values["max_cloud"],
-            max_nodata=values["max_nodata"],
-            chip_size=values["chip_size"],
-            split=values["split"],
-            block_size=values["block_size"],
-            split_fractions=values["split_fractions"] or (0.8, 0.1, 0.1),
-            split_buffer=values["split_buffer"],
-        )
+        return ChipFilter(**{**given, "start": start, "end": end})
     except SelectionError as exc:
         # Each option was checked by its callback; what is left spans options: the time range.
         raise _fail(str(exc), "--start/--end/--datetime") from exc

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import click
 
 from stacchip_db.cli.options import with_database
-from stacchip_db.cli.prechip import ChipProgress, band_options, chip_source_options, quiet, select
+from stacchip_db.cli.prechip import band_options, chip_source_options, select
+from stacchip_db.cli.progress import progress_bar
 from stacchip_db.db import Database
 from stacchip_db.errors import ConfigError
 from stacchip_db.selection import ChipFilter, Sampling
@@ -125,9 +126,8 @@ def _selection_stats(
     from stacchip_db.bandstats import selection_stats
 
     selection = select(db, query, statement_timeout, chip_filter, sampling)
-    progress = ChipProgress("stats", quiet())
-    progress.start(len(selection))
-    try:
+    with progress_bar("stats", unit="chips") as progress:
+        progress.start(len(selection))
         return selection_stats(
             selection,
             bands=bands,
@@ -136,5 +136,3 @@ def _selection_stats(
             lanes=threads,
             progress=progress.advance,
         )
-    finally:
-        progress.finish()

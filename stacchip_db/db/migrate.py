@@ -4,7 +4,8 @@ Order, each step idempotent:
 1. extensions `postgis` and `btree_gist` (a clear error when PostGIS is not installed);
 2. pgstac at the version pinned by pypgstac, through pypgstac's own migrations;
 3. schema `stacchip` and alembic's revisions (version table inside `stacchip`);
-4. the hand-written SQL files under `sql/`, in name order, and their checksum.
+4. the hand-written SQL files under `sql/`, in name order (templates: `sql_template.expand`),
+   and their checksum.
 
 A cluster-wide advisory lock serialises concurrent `db init` runs (many Batch jobs may start
 at once against a new RDS database).
@@ -31,6 +32,7 @@ from pypgstac.version import __version__ as PGSTAC_VERSION
 
 from stacchip_db.config import mask_url
 from stacchip_db.db.connection import connect, translate_errors
+from stacchip_db.db.sql_template import expand
 from stacchip_db.errors import DatabaseError, PostgisMissing, SchemaBehind
 from stacchip_db.resources import resource_dir
 
@@ -50,11 +52,16 @@ def sql_files() -> list[Path]:
     return sorted(resource_dir("sql").glob("*.sql"))
 
 
+def sql_text(path: Path) -> str:
+    """A shipped SQL file as it runs: its markers expanded (`sql_template`)."""
+    return expand(path.read_text())
+
+
 def sql_checksum() -> str:
-    """One hash over the names and contents of all SQL files: changes when any of them does."""
+    """One hash over the names and the SQL as run of all SQL files: changes when any does."""
     digest = hashlib.sha256()
     for path in sql_files():
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        digest.update(path.name.encode() + b"\0" + sql_text(path).encode() + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -208,7 +215,7 @@ def _apply_sql_files(conn: psycopg.Connection) -> None:
         for path in sql_files():
             log.debug("applying %s", path.name)
             try:
-                conn.execute(path.read_text())
+                conn.execute(sql_text(path))
             except psycopg.Error as exc:
                 raise DatabaseError(f"applying {path.name} failed: {exc}".splitlines()[0]) from exc
         conn.execute(

@@ -36,12 +36,14 @@ from pystac_client import Client
 
 from stacchip_db import storage
 from stacchip_db.db import Database, translate_errors
-from stacchip_db.db.store import check_ids, store_item
-from stacchip_db.errors import DatabaseUnavailable, StacchipError
+from stacchip_db.db.items import check_ids
+from stacchip_db.db.store import store_item
+from stacchip_db.errors import DatabaseUnavailable, StacchipError, item_failure_line
 from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS
 from stacchip_db.index import MAX_NODATA, index_item
-from stacchip_db.quality import QualityRule
+from stacchip_db.quality import QualityRule, profile_rule
 from stacchip_db.samples import Sample, read_sample
+from stacchip_db.sensors import Profile
 from stacchip_db.signing import signing_as
 from stacchip_db.stac_api import open_api
 from stacchip_db.text import first_line
@@ -142,6 +144,9 @@ class PlanContext:
 class Processor:
     """Rules of one sensor. Subclasses set the class attributes and implement `plan`.
 
+    A subclass that sets `profile` (its catalog's layout in the sensor registry) gets its
+    `assets` and `quality` rule from it, unless it sets them itself.
+
     `cli_options` are click option decorators for the processor's own options; their values
     reach `plan` as `context.options[name]`.
     """
@@ -149,6 +154,7 @@ class Processor:
     name: ClassVar[str]
     default_stac_api: ClassVar[str]
     default_collection: ClassVar[str]
+    profile: ClassVar[Profile]
     assets: ClassVar[tuple[str, ...]]
     quality: ClassVar[QualityRule]
     max_nodata: ClassVar[float] = MAX_NODATA
@@ -161,6 +167,15 @@ class Processor:
     searches_stac_api: ClassVar[bool] = True
     """False when `plan` reads its items elsewhere (LINZ: JSON beside each object in S3)."""
     cli_options: ClassVar[tuple[Callable[[Any], Any], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        profile = cls.__dict__.get("profile")
+        if profile is not None:  # the registry's facts, not a copy of them in each processor
+            if "assets" not in cls.__dict__:
+                cls.assets = profile.layout.assets
+            if "quality" not in cls.__dict__:
+                cls.quality = profile_rule(profile)
 
     def plan(self, context: PlanContext) -> list[Scene]:
         """The scenes to ingest for `context.sample`, in order."""
@@ -347,7 +362,7 @@ def _run_job(processor: Processor, request: JobRequest, db: Database | None) -> 
                 raise
             except Exception as exc:  # one bad scene, whatever it raises, spares the others
                 report.status = "failed"
-                report.error = _scene_error(exc, report.id)
+                report.error = item_failure_line(exc, report.id)
                 failed.append(report)
                 log.warning(
                     "%s job %d: scene %d/%d %s (%s) failed, the job goes on: %s",
@@ -438,15 +453,6 @@ def scene_item(processor: Processor, scene: Scene, request: JobRequest) -> dict[
         if link.get("rel") not in ("self", "root", "parent", "collection")
     ]
     return data
-
-
-def _scene_error(error: Exception, item_id: str) -> str:
-    """One line for a failed scene, naming its item; an error not ours keeps its type."""
-    text = " ".join(str(error).split())
-    if not isinstance(error, StacchipError):
-        log.debug("scene %s failed", item_id, exc_info=error)
-        text = f"{type(error).__name__}: {text}"
-    return text if item_id in text else f"item {item_id}: {text}"
 
 
 def asset_path(folder: str, href: str) -> str:

@@ -4,9 +4,9 @@ Sentinel-1 re-encodes its bands, MODIS reprojects them, LINZ resamples its tiles
 share is written here once, for their `Processor.prepare`:
 
 - `derive_object` skips a derived object that already exists (re-runs and resumed jobs do
-  not redo the work). That is safe because a derived object only ever appears whole: a local
-  file is written under a temporary name in its folder and renamed; an S3 object becomes
-  visible only when its upload completes.
+  not redo the work). That is safe because a derived object only ever appears whole: it is
+  written through `storage.write_atomically` (a local file in a temporary folder beside it,
+  then renamed; an S3 object uploaded, visible only when the upload completes).
 - `write_cog` writes any open dataset (a file, a `WarpedVRT`, a `MemoryFile`) with GDAL's COG
   driver, deflate-compressed in 512 px tiles. From a `WarpedVRT` the reprojection streams
   block by block instead of holding whole bands in memory.
@@ -15,9 +15,6 @@ share is written here once, for their `Processor.prepare`:
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +23,6 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
-from botocore.exceptions import BotoCoreError, ClientError
 from rasterio.errors import RasterioError
 from rasterio.io import DatasetReader, MemoryFile
 
@@ -58,12 +54,10 @@ def derive_object(
         log.debug("skip %s: %s already exists (%d bytes)", source, destination, existing)
         _count(report, CopyResult(source, destination, existing, copied=False))
         return destination
-    staging = None if storage.is_s3(destination) else Path(destination).parent
-    if staging is not None:
-        staging.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=".derive-", dir=staging))
-    try:
-        local = workdir / storage.file_name(destination)
+    size = 0
+
+    def fill(local: Path) -> None:
+        nonlocal size
         try:
             render(local)
         except RasterioError as exc:
@@ -72,25 +66,11 @@ def derive_object(
                 "check the source href and that it is a readable raster"
             ) from exc
         size = local.stat().st_size
-        _publish(local, destination)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+
+    storage.write_atomically(destination, fill)
     log.debug("derived %s -> %s (%d bytes)", source, destination, size)
     _count(report, CopyResult(source, destination, size, copied=True))
     return destination
-
-
-def _publish(local: Path, destination: str) -> None:
-    if storage.is_s3(destination):
-        bucket, key = storage.split_s3(destination)
-        try:
-            storage.s3_client().upload_file(str(local), bucket, key)
-        except (ClientError, BotoCoreError) as exc:
-            raise storage.StorageError(
-                f"cannot upload {destination}: {first_line(exc)}"
-            ) from exc
-        return
-    os.replace(local, destination)  # same folder: an atomic rename
 
 
 def _count(report: SceneReport, result: CopyResult) -> None:

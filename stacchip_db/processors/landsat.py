@@ -40,7 +40,6 @@ from stacchip_db.processors.base import (
     Scene,
     max_cloud_cover_option,
 )
-from stacchip_db.quality import profile_rule
 from stacchip_db.sensors import collection_profile
 from stacchip_db.stac_api import search_one
 
@@ -72,8 +71,7 @@ class Landsat(Processor):
     name = "landsat"
     default_stac_api = "https://landsatlook.usgs.gov/stac-server"
     default_collection = L2_COLLECTION
-    assets = L2_ASSETS
-    quality = profile_rule(L2_PROFILE)
+    profile = L2_PROFILE
     max_nodata = 0.0
     requester_pays = True  # usgs-landsat charges the requester
     cli_options = (

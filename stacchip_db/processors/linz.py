@@ -45,7 +45,6 @@ from stacchip_db.processors.base import (
     asset_path,
 )
 from stacchip_db.processors.derived import derive_object, open_source, write_array_cog
-from stacchip_db.quality import profile_rule
 from stacchip_db.sensors import collection_profile
 from stacchip_db.text import first_line
 
@@ -123,7 +122,7 @@ def prefix_for(request: JobRequest) -> str:
     if not 0 <= request.index < len(prefixes):
         raise LinzSourceError(
             f"job index {request.index} is out of range: there are {len(prefixes)} LINZ "
-            f"prefixes (indexes 0-{len(prefixes) - 1}); use a smaller --index or more --prefix"
+            f"prefixes (indexes 0-{len(prefixes) - 1}); use a smaller `index` or more `prefix`"
         )
     return prefixes[request.index].strip("/") + "/"
 
@@ -142,8 +141,8 @@ def list_tiffs(url: str) -> list[str]:
             keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".tiff")]
     except (ClientError, BotoCoreError) as exc:
         raise LinzSourceError(
-            f"cannot list {url}: {first_line(exc)}; check --stac-api (the source "
-            "bucket) and --prefix"
+            f"cannot list {url}: {first_line(exc)}; check `stac_api` (the source "
+            "bucket) and `prefix`"
         ) from exc
     return [f"s3://{bucket}/{key}" for key in keys]
 
@@ -155,8 +154,8 @@ class Linz(Processor):
     name = "linz"
     default_stac_api = "s3://nz-imagery"
     default_collection = "linz"
+    profile = PROFILE
     assets = (ASSET,)
-    quality = profile_rule(PROFILE)
     uses_sample_source = False
     searches_stac_api = False
     cli_options = (
@@ -175,7 +174,7 @@ class Linz(Processor):
         root = context.request.stac_api
         if not storage.is_s3(root):
             raise LinzSourceError(
-                f"LINZ source {root!r} is not an s3:// bucket; pass --stac-api s3://nz-imagery "
+                f"LINZ source {root!r} is not an s3:// bucket; pass `stac_api` s3://nz-imagery "
                 "(or the bucket holding the tiles)"
             )
         url = storage.join(root, prefix_for(context.request)) + "/"

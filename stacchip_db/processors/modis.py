@@ -40,7 +40,6 @@ from stacchip_db.processors.base import (
     asset_path,
 )
 from stacchip_db.processors.derived import derive_object, open_source, write_cog
-from stacchip_db.quality import profile_rule
 from stacchip_db.sensors import collection_profile
 from stacchip_db.stac_api import search_one
 
@@ -82,7 +81,7 @@ def tile_for(index: int) -> tuple[int, int]:
     if not 0 <= index < len(SIN_GRID_TILES):
         raise TileIndexError(
             f"job index {index} is out of range: the MODIS processor has {len(SIN_GRID_TILES)} "
-            f"sinusoidal tiles (indexes 0-{len(SIN_GRID_TILES) - 1}); use a smaller --index"
+            f"sinusoidal tiles (indexes 0-{len(SIN_GRID_TILES) - 1}); use a smaller `index`"
         )
     return SIN_GRID_TILES[index]
 
@@ -100,8 +99,7 @@ class Modis(Processor):
     name = "modis"
     default_stac_api = "https://planetarycomputer.microsoft.com/api/stac/v1"
     default_collection = "modis-09A1-061"
-    assets = PROFILE.layout.assets
-    quality = profile_rule(PROFILE)
+    profile = PROFILE
     uses_sample_source = False
 
     def job_source(self, request: JobRequest) -> str:

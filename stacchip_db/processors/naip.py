@@ -18,7 +18,6 @@ import pystac
 
 from stacchip_db.processors import register
 from stacchip_db.processors.base import PlanContext, Processor, Scene
-from stacchip_db.quality import profile_rule
 from stacchip_db.sensors import collection_profile
 from stacchip_db.stac_api import search
 
@@ -38,8 +37,7 @@ class Naip(Processor):
     name = "naip"
     default_stac_api = "https://planetarycomputer.microsoft.com/api/stac/v1"
     default_collection = "naip"
-    assets = collection_profile("naip").layout.assets
-    quality = profile_rule(collection_profile("naip"))
+    profile = collection_profile("naip")
     cli_options = (
         click.option(
             "--latest-only", is_flag=True, help="Take only the latest image, not a random other."

@@ -60,8 +60,7 @@ class Sentinel1(Processor):
     name = "sentinel-1"
     default_stac_api = "https://planetarycomputer.microsoft.com/api/stac/v1"
     default_collection = "sentinel-1-rtc"
-    assets = PROFILE.layout.assets
-    quality = profile_rule(PROFILE)
+    profile = PROFILE
 
     def plan(self, context: PlanContext) -> list[Scene]:
         year, quarter = choose_quarter(context.request.index)

@@ -27,7 +27,6 @@ from stacchip_db.processors.base import (
     Scene,
     max_cloud_cover_option,
 )
-from stacchip_db.quality import profile_rule
 from stacchip_db.sensors import collection_profile
 from stacchip_db.stac_api import search_one
 from stacchip_db.storage import s3_url_from_https
@@ -51,8 +50,7 @@ class Sentinel2(Processor):
     name = "sentinel-2"
     default_stac_api = "https://earth-search.aws.element84.com/v1"
     default_collection = "sentinel-2-l2a"
-    assets = PROFILE.layout.assets
-    quality = profile_rule(PROFILE)
+    profile = PROFILE
     requester_pays = False  # sentinel-cogs is a free, public bucket
     sample_source_env = "STACCHIP_MGRS_SOURCE"
     cli_options = (
