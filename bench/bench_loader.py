@@ -10,7 +10,9 @@ shared with bench_prechip.py), 256 px chips, `DataLoader(num_workers=2, batch_si
   sample of `--samples` chips, different per repetition), `ChipSampler` order, `prefetch=16`
   (`--prefetch`; `--lanes` replaces the dataset's default lanes);
 - `prechip-j1` (HTTP only): `prechip`'s read path with `--jobs 1` on the same chips, the rate
-  the issue asks ChipDataset to reach over HTTP.
+  the issue asks ChipDataset to reach over HTTP;
+- `chipdataset-direct` (only when named in `--kinds`): the same ChipDataset's batches read in
+  one process without a DataLoader, to tell the reader's rate from the DataLoader's cost.
 
 Scenarios: `local` (page cache warm) and `http` (the files behind `bench/latency_proxy.py`,
 +20 ms per request, through GDAL's /vsicurl/; the dataset's items get the proxy's hrefs after
@@ -94,6 +96,22 @@ def _worker_chipdataset(spec: dict) -> tuple[float, float, int]:
     for batch in loader:
         n += len(batch["pixels"])
         total += float(batch["pixels"].double().sum())
+    return time.perf_counter() - start, total, n
+
+
+def _worker_direct(spec: dict) -> tuple[float, float, int]:
+    """ChipDataset's batches in one process, no DataLoader (`--kinds chipdataset-direct`): the
+    reader alone, to tell its rate from what the DataLoader's workers and collation cost."""
+    from stacchip_db import ChipSampler
+
+    dataset = _chip_dataset(spec, prefetch=spec["prefetch"], lanes=spec["lanes"])
+    order = list(ChipSampler(dataset, seed=spec["seed"]))
+    start = time.perf_counter()
+    n, total = 0, 0.0
+    for i in range(0, len(order), BATCH):
+        for sample in dataset.__getitems__(order[i : i + BATCH]):
+            n += 1
+            total += float(sample["pixels"].sum(dtype="float64"))
     return time.perf_counter() - start, total, n
 
 
@@ -191,6 +209,7 @@ def _child(kind: str, spec_path: str) -> None:
         "torchgeo": _worker_torchgeo,
         "chipdataset": _worker_chipdataset,
         "prechip-j1": _worker_prechip,
+        "chipdataset-direct": _worker_direct,
     }[kind]
     seconds, total, n = work(spec)
     print(json.dumps({"seconds": seconds, "sum": total, "samples": n}))
@@ -227,7 +246,8 @@ def index_scene(url: str, item: dict) -> None:
 
 
 def run_child(kind: str, spec: Path) -> dict:
-    python = sys.executable if kind == "prechip-j1" else str(TORCHGEO_VENV / "bin" / "python")
+    own_venv = kind in ("prechip-j1", "chipdataset-direct")  # no torch needed
+    python = sys.executable if own_venv else str(TORCHGEO_VENV / "bin" / "python")
     env = {**os.environ, **GDAL_ENV, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [python, __file__, "--worker", kind, str(spec)],
@@ -345,6 +365,9 @@ def report(results: dict[tuple[str, str], list[float]], args: argparse.Namespace
     for scenario in args.scenarios.split(","):
         med = {k: statistics.median(v) for (s, k), v in results.items() if s == scenario}
         tg, ours, pre = med.get("torchgeo"), med.get("chipdataset"), med.get("prechip-j1")
+        if "chipdataset-direct" in med:
+            print(f"({scenario}: ChipDataset without a DataLoader, one process: "
+                  f"{med['chipdataset-direct']:.1f} samples/s)")  # fmt: skip
         cells = [
             f"{tg:.1f}" if tg else "-",
             f"{ours:.1f}" if ours else "-",
