@@ -87,8 +87,8 @@ def _expand(
     "for large loads; other collections are neither rebuilt nor locked). Writers of those "
     "collections wait until it commits; a collection that already has chips is rebuilt and "
     "swapped in under a short ACCESS EXCLUSIVE lock at the end. All or nothing. Default: bulk "
-    "when stacchip.chips is empty at the start, else batched transactions (--no-bulk forces "
-    "those).",
+    "when stacchip.chips is empty at the start or the first item's collection has no chips yet, "
+    "else batched transactions (--no-bulk forces those).",
 )
 @sign_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
@@ -132,7 +132,7 @@ def index(
         def on_plan(plan: IndexPlan) -> None:
             if plan.automatic and plan.bulk and not cli.quiet:
                 click.echo(
-                    "stacchip.chips is empty: bulk load (partitions built apart, indexes "
+                    f"{plan.why}: bulk load (partitions built apart, indexes "
                     "built once; all or nothing; --no-bulk to avoid)",
                     err=True,
                 )
