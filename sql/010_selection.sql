@@ -294,6 +294,27 @@ AS $$
     ORDER BY chosen.lap, chosen.sample_key
 $$;
 
+-- The two legs of one stratum's seeded walk (the stratified samplers here and in sql/030) as CTEs `up_I` and `wrapped_I` (columns lap,
+-- chip, sample_key): its first `lim` chips from the seed's offset ($1) up, then (only as many
+-- as are missing; LIMIT 0 does not start the walk) from the lowest key. No trailing comma.
+CREATE OR REPLACE FUNCTION stacchip.seeded_walk_legs(i int, query text, lim text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT format(
+        $q$
+        up_%1$s AS MATERIALIZED (
+            SELECT 0 AS lap, u.* FROM (%2$s) AS u
+            WHERE u.sample_key >= $1 ORDER BY u.sample_key LIMIT %3$s
+        ),
+        wrapped_%1$s AS MATERIALIZED (
+            SELECT 1 AS lap, u.* FROM (%2$s) AS u
+            WHERE u.sample_key < $1 ORDER BY u.sample_key
+            LIMIT greatest(%3$s - (SELECT count(*) FROM up_%1$s), 0)
+        )
+        $q$, i, query, lim)
+$$;
+
 -- Stratified sampling: each stratum present (`stratify_by` 'collection', 'year', 'quarter', or
 -- 'cell' with `cell_size` degrees, see stacchip.chip_stratum; NULL = one stratum) gives the same
 -- number of chips, k = ceil(n / strata present), or all it has when fewer (no redistribution).
@@ -460,20 +481,9 @@ BEGIN
 
 
     -- Per stratum: its first k from the offset up, then (only if it has fewer) from the lowest
-    -- key; LIMIT 0 does not start the second walk.
+    -- key.
     FOR i IN 1 .. cardinality(present) LOOP
-        legs := legs || format(
-            $q$
-            up_%1$s AS MATERIALIZED (
-                SELECT 0 AS lap, u.* FROM (%2$s) AS u
-                WHERE u.sample_key >= $1 ORDER BY u.sample_key LIMIT $2
-            ),
-            wrapped_%1$s AS MATERIALIZED (
-                SELECT 1 AS lap, u.* FROM (%2$s) AS u
-                WHERE u.sample_key < $1 ORDER BY u.sample_key
-                LIMIT greatest($2 - (SELECT count(*) FROM up_%1$s), 0)
-            ),
-            $q$, i, present[i]);
+        legs := legs || stacchip.seeded_walk_legs(i, present[i], '$2') || ',';
         strata := strata || CASE WHEN i > 1 THEN ' UNION ALL ' ELSE '' END || format(
             'SELECT %1$s AS stratum, * FROM up_%1$s UNION ALL SELECT %1$s, * FROM wrapped_%1$s',
             i);

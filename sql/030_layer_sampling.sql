@@ -173,7 +173,7 @@ BEGIN
         END IF;
         k := ceil(n::numeric / cardinality(present));
         FOR j IN 1 .. cardinality(present) LOOP
-            legs := legs || stacchip.layer_sample_legs(j, queries[present[j]], '$2') || ',';
+            legs := legs || stacchip.seeded_walk_legs(j, queries[present[j]], '$2') || ',';
             arms := arms || CASE WHEN j > 1 THEN ' UNION ALL ' ELSE '' END || format(
                 'SELECT %1$s AS stratum, * FROM up_%1$s UNION ALL SELECT %1$s, * FROM wrapped_%1$s',
                 j);
@@ -201,7 +201,7 @@ BEGIN
             RETURN QUERY EXECUTE format(
                 'WITH %s SELECT (t.chip).* FROM (SELECT * FROM up_1 UNION ALL '
                 'SELECT * FROM wrapped_1) AS t ORDER BY t.lap, t.sample_key',
-                stacchip.layer_sample_legs(1, queries[j], '$2'))
+                stacchip.seeded_walk_legs(1, queries[j], '$2'))
             USING start_key, wanted, n, 0::float8, {{filter_values}};
             GET DIAGNOSTICS got = ROW_COUNT;
         END IF;
@@ -223,7 +223,7 @@ BEGIN
         CONTINUE WHEN strata[i] = ANY (names);
         j := j + 1;
         legs := legs || CASE WHEN j > 1 THEN ',' ELSE '' END
-            || stacchip.layer_sample_legs(j, queries[i], '$2');
+            || stacchip.seeded_walk_legs(j, queries[i], '$2');
         arms := arms || CASE WHEN j > 1 THEN ' UNION ALL ' ELSE '' END
             || format('SELECT * FROM up_%1$s UNION ALL SELECT * FROM wrapped_%1$s', j);
     END LOOP;
@@ -244,26 +244,8 @@ BEGIN
 END
 $fn$;
 
--- The two legs of one stratum's seeded walk as CTEs `up_I` and `wrapped_I` (columns lap,
--- chip, sample_key): its first `lim` chips from the seed's offset ($1) up, then (only as many
--- as are missing; LIMIT 0 does not start the walk) from the lowest key. No trailing comma.
-CREATE OR REPLACE FUNCTION stacchip.layer_sample_legs(i int, query text, lim text)
-RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT format(
-        $q$
-        up_%1$s AS MATERIALIZED (
-            SELECT 0 AS lap, u.* FROM (%2$s) AS u
-            WHERE u.sample_key >= $1 ORDER BY u.sample_key LIMIT %3$s
-        ),
-        wrapped_%1$s AS MATERIALIZED (
-            SELECT 1 AS lap, u.* FROM (%2$s) AS u
-            WHERE u.sample_key < $1 ORDER BY u.sample_key
-            LIMIT greatest(%3$s - (SELECT count(*) FROM up_%1$s), 0)
-        )
-        $q$, i, query, lim)
-$$;
+-- Its seeded legs are sql/010's stacchip.seeded_walk_legs now.
+DROP FUNCTION IF EXISTS stacchip.layer_sample_legs(int, text, text);
 
 -- The restricted login of 020 reads the layers: their schema and every table in it (a layer
 -- added later is granted by `layer add`).
@@ -275,7 +257,7 @@ BEGIN
         EXECUTE format('GRANT USAGE ON SCHEMA stacchip_layers TO %I', wanted);
         EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA stacchip_layers TO %I', wanted);
         EXECUTE format('GRANT EXECUTE ON FUNCTION stacchip.sample_chips_by_layer, '
-                       'stacchip.layer_sample_legs, stacchip.layer_geometry, '
+                       'stacchip.layer_geometry, '
                        'stacchip.checked_min_fractions TO %I', wanted);
     END IF;
 EXCEPTION WHEN insufficient_privilege THEN
