@@ -1,7 +1,8 @@
 -- Chip selection, seeded sampling and spatial-block splits, callable from psql, QGIS or Python.
 -- Contract: stacchip_db/selection.py builds calls to these functions (its named arguments are
 -- these parameter names; it reads the filters' names and types from the filter block below);
--- stacchip.chip_sample_key and its index come from alembic 0003.
+-- the sampling key is the column stacchip.chips.sample_key (alembic 0008: stored, the value of
+-- 0003's stacchip.chip_sample_key), indexed per partition alone and after year/quarter.
 --
 -- This file is a template: `db init` expands its double-brace markers before running it
 -- (stacchip_db/db/sql_template.py), so that the filter parameters, which every selection
@@ -120,12 +121,15 @@ $$;
 --   filter_arguments P    `collections => P…, bbox => P…`: P a function name and a dot (passing
 --                         its own parameters on by name) or `$N` (numbered from N);
 --   filter_values         `collections, bbox, …` (a PL/pgSQL USING list, by position).
--- A new filter is a line here and its condition in select_chips (and a ChipFilter field).
+-- A new filter is a line here and its condition in matching_chips (and a ChipFilter field).
 -- Bounds: start_time <= datetime < end_time; bbox is {minx, miny, maxx, maxy} in degrees;
 -- months 1-12; quarters 1-4; max_cloud and max_nodata are fractions 0..1. With `split`, only
 -- chips of that split by spatial block (`block_size` degrees, `split_fractions`); with
 -- `split_buffer` (degrees, 0 = strict), only chips whose footprint grown by it stays inside its
--- block, so no footprint of one split overlaps a block of another.
+-- block, so no footprint of one split overlaps a block of another. `within` ({layer} or
+-- {layer, column, value}): only chips intersecting that vector layer's (matching) features;
+-- `min_fractions` ({"layer": {"class": fraction}}): only chips with at least that share of each
+-- class of a raster layer (sql/005_layer_filters.sql, alembic 0009).
 {{filters}}
     collections text[] DEFAULT NULL,
     bbox float8[] DEFAULT NULL,
@@ -140,7 +144,9 @@ $$;
     split text DEFAULT NULL,
     block_size float8 DEFAULT 1.0,
     split_fractions float8[] DEFAULT '{0.8,0.1,0.1}',
-    split_buffer float8 DEFAULT NULL
+    split_buffer float8 DEFAULT NULL,
+    within text[] DEFAULT NULL,
+    min_fractions jsonb DEFAULT NULL
 {{end filters}}
 
 -- Every version of the selection functions goes first, whatever its parameters: a filter added
@@ -153,9 +159,10 @@ BEGIN
     FOR old IN
         SELECT p.oid FROM pg_proc AS p
         WHERE p.pronamespace = 'stacchip'::regnamespace
-          AND (p.proname IN ('select_chips', 'sample_chips', 'sample_chips_stratified',
-                             'sample_chips_stratified_run')
-               -- and those of later files returning the row type, which is made anew below
+          AND (p.proname IN ('matching_chips', 'select_chips', 'sample_chips',
+                             'sample_chips_stratified', 'sample_chips_stratified_run')
+               -- and any other function returning the row type (sql/030's layer
+               -- sampler), which would otherwise keep the type below from being dropped
                OR p.prorettype = to_regtype('stacchip.selected_chip'))
     LOOP
         EXECUTE format('DROP FUNCTION %s', old);
@@ -181,6 +188,56 @@ CREATE TYPE stacchip.selected_chip AS (
     location bigint  -- last: `SELECT *` callers keep their column positions
 );
 
+-- The rows of stacchip.chips matching every given filter (see the filter block), whole: the
+-- samples order them by their stored `sample_key`, which the planner then sees as the column
+-- its indexes hold.
+CREATE FUNCTION stacchip.matching_chips(
+    {{filter_parameters}}
+)
+RETURNS SETOF stacchip.chips
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT c.*
+    FROM stacchip.chips AS c
+    WHERE (matching_chips.collections IS NULL OR c.collection = ANY (matching_chips.collections))
+      AND (matching_chips.bbox IS NULL OR ST_Intersects(c.geometry, ST_MakeEnvelope(
+            matching_chips.bbox[1], matching_chips.bbox[2], matching_chips.bbox[3],
+            matching_chips.bbox[4], 4326)))
+      AND (matching_chips.intersects IS NULL
+           OR ST_Intersects(c.geometry, stacchip.as_lonlat(matching_chips.intersects)))
+      AND (matching_chips.start_time IS NULL OR c.datetime >= matching_chips.start_time)
+      AND (matching_chips.end_time IS NULL OR c.datetime < matching_chips.end_time)
+      AND (matching_chips.months IS NULL
+           OR extract(month FROM c.datetime AT TIME ZONE 'UTC')::int
+              = ANY (matching_chips.months))
+      AND (matching_chips.quarters IS NULL
+           OR extract(quarter FROM c.datetime AT TIME ZONE 'UTC')::int
+              = ANY (matching_chips.quarters))
+      AND (matching_chips.max_cloud IS NULL OR c.cloud_fraction <= matching_chips.max_cloud)
+      AND (matching_chips.max_nodata IS NULL OR c.nodata_fraction <= matching_chips.max_nodata)
+      AND (matching_chips.chip_size IS NULL OR c.chip_size = matching_chips.chip_size)
+      AND (matching_chips.split IS NULL OR stacchip.chip_split(
+            c.geometry, matching_chips.block_size, matching_chips.split_fractions)
+            = stacchip.check_choice(matching_chips.split, '{train,val,test}', 'split'))
+      AND (matching_chips.split_buffer IS NULL OR stacchip.chip_inside_block(
+            c.geometry, matching_chips.block_size, matching_chips.split_buffer))
+      -- Scalar subqueries: computed once per query, and the geometry searched with the GiST.
+      AND (matching_chips.within IS NULL OR ST_Intersects(
+            c.geometry, (SELECT stacchip.layer_geometry(matching_chips.within))))
+      AND (matching_chips.min_fractions IS NULL OR NOT EXISTS (
+            SELECT 1
+            FROM jsonb_each((SELECT stacchip.checked_min_fractions(matching_chips.min_fractions)))
+                 AS wanted (layer, thresholds)
+            WHERE NOT EXISTS (
+                SELECT 1 FROM stacchip.chip_classes AS f
+                WHERE f.layer = wanted.layer AND f.collection = c.collection
+                  AND f.item_id = c.item_id AND f.chip_size = c.chip_size
+                  AND f.chip_index_x = c.chip_index_x AND f.chip_index_y = c.chip_index_y
+                  AND NOT EXISTS (
+                      SELECT 1 FROM jsonb_each_text(wanted.thresholds) AS t (class, fraction)
+                      WHERE coalesce((f.fractions ->> t.class)::real, 0) < t.fraction::real))))
+$$;
+
 -- The chips matching every given filter (see the filter block).
 CREATE FUNCTION stacchip.select_chips(
     {{filter_parameters}}
@@ -191,35 +248,15 @@ AS $$
     SELECT stacchip.chip_id(c.item_id, c.chip_index_x, c.chip_index_y),
            c.collection, c.item_id, c.chip_size, c.chip_index_x, c.chip_index_y,
            c.datetime, c.cloud_fraction, c.nodata_fraction, c.geometry, c.location
-    FROM stacchip.chips AS c
-    WHERE (select_chips.collections IS NULL OR c.collection = ANY (select_chips.collections))
-      AND (select_chips.bbox IS NULL OR ST_Intersects(c.geometry, ST_MakeEnvelope(
-            select_chips.bbox[1], select_chips.bbox[2], select_chips.bbox[3],
-            select_chips.bbox[4], 4326)))
-      AND (select_chips.intersects IS NULL
-           OR ST_Intersects(c.geometry, stacchip.as_lonlat(select_chips.intersects)))
-      AND (select_chips.start_time IS NULL OR c.datetime >= select_chips.start_time)
-      AND (select_chips.end_time IS NULL OR c.datetime < select_chips.end_time)
-      AND (select_chips.months IS NULL
-           OR extract(month FROM c.datetime AT TIME ZONE 'UTC')::int
-              = ANY (select_chips.months))
-      AND (select_chips.quarters IS NULL
-           OR extract(quarter FROM c.datetime AT TIME ZONE 'UTC')::int
-              = ANY (select_chips.quarters))
-      AND (select_chips.max_cloud IS NULL OR c.cloud_fraction <= select_chips.max_cloud)
-      AND (select_chips.max_nodata IS NULL OR c.nodata_fraction <= select_chips.max_nodata)
-      AND (select_chips.chip_size IS NULL OR c.chip_size = select_chips.chip_size)
-      AND (select_chips.split IS NULL OR stacchip.chip_split(
-            c.geometry, select_chips.block_size, select_chips.split_fractions)
-            = stacchip.check_choice(select_chips.split, '{train,val,test}', 'split'))
-      AND (select_chips.split_buffer IS NULL OR stacchip.chip_inside_block(
-            c.geometry, select_chips.block_size, select_chips.split_buffer))
+    FROM stacchip.matching_chips(
+        {{filter_arguments select_chips.}}
+    ) AS c
 $$;
 
 -- A reproducible sample of `n` chips, without replacement, from those `select_chips` returns
--- with the same filters. Chips are taken in the order of their sampling key (alembic 0003's
--- stacchip.chip_sample_key, a hash of the chip key) from the seed's offset up, then wrapping
--- around from the lowest key: the same seed and data give the same chips on any server. Each
+-- with the same filters. Chips are taken in the order of their sampling key (`sample_key`: 0003's
+-- stacchip.chip_sample_key of the chip key) from the seed's offset up, then wrapping around
+-- from the lowest key: the same seed and data give the same chips on any server. Each
 -- leg is an ordered walk of the sampling-key index that stops after the chips it needs, so the
 -- cost grows with n / (fraction of chips passing the filters), not with the table. Rows come
 -- in sampling order; a sample of n is the first n chips of any larger sample with that seed.
@@ -232,10 +269,13 @@ RETURNS SETOF stacchip.selected_chip
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     WITH selected AS NOT MATERIALIZED (
-        SELECT s AS chip,
-               stacchip.chip_sample_key(s.collection, s.item_id, s.chip_size,
-                                        s.chip_index_x, s.chip_index_y) AS sample_key
-        FROM stacchip.select_chips(
+        SELECT ROW(stacchip.chip_id(s.item_id, s.chip_index_x, s.chip_index_y), s.collection,
+                   s.item_id, s.chip_size, s.chip_index_x, s.chip_index_y, s.datetime,
+                   s.cloud_fraction, s.nodata_fraction, s.geometry,
+                   s.location)::stacchip.selected_chip
+                   AS chip,
+               s.sample_key
+        FROM stacchip.matching_chips(
             {{filter_arguments sample_chips.}}
         ) AS s
     ),
@@ -256,6 +296,27 @@ AS $$
     ORDER BY chosen.lap, chosen.sample_key
 $$;
 
+-- The two legs of one stratum's seeded walk (the stratified samplers here and in sql/030) as CTEs `up_I` and `wrapped_I` (columns lap,
+-- chip, sample_key): its first `lim` chips from the seed's offset ($1) up, then (only as many
+-- as are missing; LIMIT 0 does not start the walk) from the lowest key. No trailing comma.
+CREATE OR REPLACE FUNCTION stacchip.seeded_walk_legs(i int, query text, lim text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT format(
+        $q$
+        up_%1$s AS MATERIALIZED (
+            SELECT 0 AS lap, u.* FROM (%2$s) AS u
+            WHERE u.sample_key >= $1 ORDER BY u.sample_key LIMIT %3$s
+        ),
+        wrapped_%1$s AS MATERIALIZED (
+            SELECT 1 AS lap, u.* FROM (%2$s) AS u
+            WHERE u.sample_key < $1 ORDER BY u.sample_key
+            LIMIT greatest(%3$s - (SELECT count(*) FROM up_%1$s), 0)
+        )
+        $q$, i, query, lim)
+$$;
+
 -- Stratified sampling: each stratum present (`stratify_by` 'collection', 'year', 'quarter', or
 -- 'cell' with `cell_size` degrees, see stacchip.chip_stratum; NULL = one stratum) gives the same
 -- number of chips, k = ceil(n / strata present), or all it has when fewer (no redistribution).
@@ -270,8 +331,8 @@ $$;
 -- collections or a skip scan of the primary key; the quarters between the first and last chip
 -- within the time filter, less those the months/quarters filters exclude), keeps those with a
 -- matching chip (one EXISTS each), then takes each stratum's first k with a LIMIT k query whose
--- plan PostgreSQL chooses: an ordered walk of the (year|quarter|collection, key) index
--- (alembic 0005) that stops after k matches, or a bitmap scan of the few chips matching a narrow
+-- plan PostgreSQL chooses: an ordered walk of the (year|quarter, sample_key) index, or for a
+-- collection of its partition's sample_key index (alembic 0008), that stops after k matches, or a bitmap scan of the few chips matching a narrow
 -- filter (bitmap scans are switched off for the call when the planner expects >= 4n matching
 -- chips: PostGIS' function costs make it overrate them). Cost then grows with k / (share of
 -- the stratum passing the filters), not with the matching set. 'cell' strata cannot be listed
@@ -295,9 +356,12 @@ DECLARE
     -- cell_size, <the filters>`): $1 the seed's offset, $2 k, $3 n, $4 cell_size, and from $5
     -- the filters, so that the numbers do not move when a filter is added.
     start_key constant bigint := stacchip.sample_offset(seed);
-    matching constant text := 'SELECT s AS chip, stacchip.chip_sample_key(s.collection, '
-        's.item_id, s.chip_size, s.chip_index_x, s.chip_index_y) AS sample_key '
-        'FROM stacchip.select_chips({{filter_arguments $5}}) AS s';
+    matching constant text := 'SELECT ROW(stacchip.chip_id(s.item_id, s.chip_index_x, '
+        's.chip_index_y), s.collection, s.item_id, s.chip_size, s.chip_index_x, '
+        's.chip_index_y, s.datetime, s.cloud_fraction, s.nodata_fraction, s.geometry, '
+        's.location)'
+        '::stacchip.selected_chip AS chip, s.sample_key '
+        'FROM stacchip.matching_chips({{filter_arguments $5}}) AS s';
     candidates text[] := '{}';  -- per candidate stratum: a query of its matching chips, keyed
     present text[] := '{}';
     first_time timestamptz;
@@ -420,20 +484,9 @@ BEGIN
 
 
     -- Per stratum: its first k from the offset up, then (only if it has fewer) from the lowest
-    -- key; LIMIT 0 does not start the second walk.
+    -- key.
     FOR i IN 1 .. cardinality(present) LOOP
-        legs := legs || format(
-            $q$
-            up_%1$s AS MATERIALIZED (
-                SELECT 0 AS lap, u.* FROM (%2$s) AS u
-                WHERE u.sample_key >= $1 ORDER BY u.sample_key LIMIT $2
-            ),
-            wrapped_%1$s AS MATERIALIZED (
-                SELECT 1 AS lap, u.* FROM (%2$s) AS u
-                WHERE u.sample_key < $1 ORDER BY u.sample_key
-                LIMIT greatest($2 - (SELECT count(*) FROM up_%1$s), 0)
-            ),
-            $q$, i, present[i]);
+        legs := legs || stacchip.seeded_walk_legs(i, present[i], '$2') || ',';
         strata := strata || CASE WHEN i > 1 THEN ' UNION ALL ' ELSE '' END || format(
             'SELECT %1$s AS stratum, * FROM up_%1$s UNION ALL SELECT %1$s, * FROM wrapped_%1$s',
             i);

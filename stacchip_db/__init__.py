@@ -22,7 +22,18 @@ def __getattr__(name: str):
         from stacchip_db.dataset import ChipDataset
 
         return ChipDataset
+    if name == "ChipSampler":
+        from stacchip_db.sampler import ChipSampler
+
+        return ChipSampler
     raise AttributeError(f"module 'stacchip_db' has no attribute {name!r}")
 
 
-__all__ = ["ChipDataset", "IndexSummary", "__version__", "index_item", "index_items"]
+__all__ = [
+    "ChipDataset",
+    "ChipSampler",
+    "IndexSummary",
+    "__version__",
+    "index_item",
+    "index_items",
+]

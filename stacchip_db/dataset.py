@@ -19,7 +19,10 @@ pairs) is computed here, vectorised, for prechip and the dataset alike.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,13 +35,16 @@ from psycopg import sql
 from stacchip_db.db import connect, translate_errors
 from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
 from stacchip_db.db.user_sql import QueryError, check_timeout, login_url, user_query
-from stacchip_db.errors import DatabaseError
+from stacchip_db.errors import DatabaseError, StacchipError
+from stacchip_db.grid import chip_grid
 from stacchip_db.index import item_datetime
 from stacchip_db.read_engine import DATASETS
 from stacchip_db.reader import (
-    AssetRead,
+    ChipRequest,
+    is_remote,
     plan_reads,
-    read_chip,
+    raise_failures,
+    read_chips,
 )
 from stacchip_db.sensors import sensor_for
 
@@ -47,6 +53,10 @@ KEY_COLUMNS = ("collection", "item_id", "chip_size", "chip_index_x", "chip_index
 
 STATEMENT_TIMEOUT_S = 300.0
 """Default time limit of a user's chip query."""
+
+
+class DatasetError(StacchipError):
+    """A ChipDataset parameter is out of range."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,9 +296,11 @@ class ChipDataset:
     """A map-style dataset over the chips a query selects (`len`, `[i]` -> dict).
 
     Works with a PyTorch `DataLoader` without importing torch: `[i]` returns numpy arrays
-    (the default collate turns them into tensors). Picklable: it holds the selected rows and
-    their items, no connection and no open file; each worker process opens the COGs it needs on
-    first use and keeps them open (`read_engine.DATASETS`, keyed by href).
+    (the default collate turns them into tensors), and `__getitems__` (which a DataLoader calls
+    with a whole batch) reads the batch at once. Picklable: it holds the selected rows and
+    their items, no connection, no open file and no thread; each worker process (fork or spawn)
+    opens the COGs it needs on first use and keeps them open across samples
+    (`read_engine.DATASETS`, entries per reading thread).
 
     `query` is SQL returning the chip key columns, a `selection.ChipFilter`, or a built
     `selection.SelectionQuery` (e.g. a seeded sample); it runs as `load_selection` runs it
@@ -300,6 +312,15 @@ class ChipDataset:
     `lat_norm`, `lon_norm`, `week_norm`, `hour_norm` (float32 `(2,)`).
     Planetary Computer hrefs are signed when opened, in each worker (`signing`); `sign=False`
     turns that off (None: on unless `$STACCHIP_SIGN=0`).
+
+    Reading (`reader.read_chips`, the reader prechip uses): the windows of a sample, or of a
+    batch, are read concurrently on `lanes` threads (default: `REMOTE_SAMPLE_LANES` when the COGs
+    are remote, where round trips dominate; `LOCAL_LANES` for local files, where decompression
+    does).
+    `prefetch` > 0 (samples) reads ahead: with a `ChipSampler` made for this dataset, each
+    process reads the samples it will be asked for next (a DataLoader hands batches to its
+    workers in turn, so a worker knows its next batches from the sampler's order) while the
+    current ones are collated and sent.
 
     With `time_series` T, an item is a place at T dates (`time_series.plan_stacks`: places
     with fewer than T selected dates left out, `short_locations` of them; dates picked by
@@ -321,8 +342,16 @@ class ChipDataset:
         sign: bool | None = None,
         time_series: int | None = None,
         pick: str = "least-cloudy",
+        lanes: int | None = None,
+        prefetch: int = 0,
     ) -> None:
+        if lanes is not None and lanes < 1:
+            raise DatasetError(f"`lanes` must be at least 1, not {lanes}")
+        if prefetch < 0:
+            raise DatasetError(f"`prefetch` must not be negative, not {prefetch}")
         self.sign = sign
+        self.lanes = lanes
+        self.prefetch = prefetch
         if database_url is None or query_database_url is None:
             from stacchip_db.config import Settings
             from stacchip_db.db import resolve_url
@@ -341,8 +370,10 @@ class ChipDataset:
         self._lon, self._lat = (
             footprint_centres([r.geometry for r in self.rows]) if self.rows else ([], [])
         )
-        self._reads: dict[tuple[str, str], list[AssetRead]] = {}
-        self.stacks = None
+        self._plans: dict[tuple[str, str, int], Any] = {}
+        self._sampler: Any = None
+        self._ahead: _ReadAhead | None = None
+        self.stacks: list[Any] | None = None
         self.short_locations = 0
         if time_series is not None:
             from stacchip_db.time_series import plan_stacks
@@ -352,55 +383,118 @@ class ChipDataset:
     def __len__(self) -> int:
         return len(self.rows) if self.stacks is None else len(self.stacks)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if self.stacks is None:
-            return self._chip(index)
-        if not -len(self.stacks) <= index < len(self.stacks):
-            raise IndexError(f"location {index} of a dataset of {len(self.stacks)}")
-        stack = self.stacks[index]
-        chips = [self._chip(p) for p in stack.positions]
-        return {
-            "pixels": np.stack([c["pixels"] for c in chips]),
-            "bands": chips[0]["bands"],
-            "location": stack.location,
-            "collection": stack.collection,
-            "chip_size": chips[0]["chip_size"],
-            "lon": chips[0]["lon"],
-            "lat": chips[0]["lat"],
-            "lat_norm": chips[0]["lat_norm"],
-            "lon_norm": chips[0]["lon_norm"],
-            "week_norm": np.stack([c["week_norm"] for c in chips]),
-            "hour_norm": np.stack([c["hour_norm"] for c in chips]),
-            **{
-                f"{name}s": [c[name] for c in chips]
-                for name in ("chip_id", "item_id", "datetime", "cloud_fraction", "nodata_fraction")
-            },
-        }
-
-    def _chip(self, index: int) -> dict[str, Any]:
-        """Chip `index` of the selected rows, read."""
+    def _position(self, index: int) -> int:
         if not -len(self.rows) <= index < len(self.rows):
             raise IndexError(f"chip {index} of a dataset of {len(self.rows)}")
-        index %= len(self.rows)
-        row = self.rows[index]
-        item = self.items[row.item_key]
-        bands = self._bands[row.collection]
-        reads = self._reads.get(row.item_key)
-        if reads is None:
-            reads = self._reads[row.item_key] = plan_reads(item, bands)
-        pixels = read_chip(
-            item,
-            row.chip_index_x,
-            row.chip_index_y,
-            bands,
-            chip_size=row.chip_size,
-            cache=DATASETS,
-            reads=reads,
-            sign=self.sign,
+        return int(index) % len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Samples `indices`, their windows all read at once (a DataLoader batch)."""
+        if self.stacks is not None:
+            return self._stacked(indices)
+        positions = [self._position(i) for i in indices]
+        if self.prefetch and self._sampler is not None:
+            pixels = self._read_ahead().take(positions)
+        else:
+            pixels = self.read_pixels(positions)
+        return [self._sample(i, p) for i, p in zip(positions, pixels, strict=True)]
+
+    def _stacked(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Places `indices` at their T dates: every date's window of the batch read at once
+        (`read_pixels`), then stacked in time order. (No read-ahead: `prefetch` follows a
+        sampler over chips.)"""
+        stacks = self.stacks or []
+        for i in indices:
+            if not -len(stacks) <= i < len(stacks):
+                raise IndexError(f"location {i} of a dataset of {len(stacks)}")
+        chosen = [stacks[int(i) % len(stacks)] for i in indices]
+        positions = [p for stack in chosen for p in stack.positions]
+        chips = iter(
+            self._sample(p, px)
+            for p, px in zip(positions, self.read_pixels(positions), strict=True)
         )
+        items = []
+        for stack in chosen:
+            dates = [next(chips) for _ in stack.positions]
+            first = dates[0]
+            fields = ("chip_id", "item_id", "datetime", "cloud_fraction", "nodata_fraction")
+            items.append(
+                {
+                    "pixels": np.stack([c["pixels"] for c in dates]),
+                    "bands": first["bands"],
+                    "location": stack.location,
+                    "collection": stack.collection,
+                    "chip_size": first["chip_size"],
+                    "lon": first["lon"],
+                    "lat": first["lat"],
+                    "lat_norm": first["lat_norm"],
+                    "lon_norm": first["lon_norm"],
+                    "week_norm": np.stack([c["week_norm"] for c in dates]),
+                    "hour_norm": np.stack([c["hour_norm"] for c in dates]),
+                    **{f"{name}s": [c[name] for c in dates] for name in fields},
+                }
+            )
+        return items
+
+    def follow(self, sampler: Any) -> None:
+        """Read ahead (`prefetch`) in the order of `sampler` (a `ChipSampler` calls this)."""
+        self._sampler = sampler
+
+    def read_pixels(self, indices: Sequence[int]) -> list[np.ndarray]:
+        """float32 `(C, H, W)` pixels of chips `indices`, read together.
+
+        Chips are grouped by item and chip size, one `reader.ChipRequest` each, and every
+        window of every request goes to `reader.read_chips` in one call.
+        Raises `reader.ChipReadError` naming the first chip that cannot be read.
+        """
+        groups: dict[tuple[str, str, int], list[int]] = {}
+        for n, index in enumerate(indices):
+            row = self.rows[index]
+            groups.setdefault((*row.item_key, row.chip_size), []).append(n)
+        requests = []
+        for key, members in groups.items():
+            item = self.items[key[:2]]
+            bands = self._bands[key[0]]
+            plan = self._plans.get(key)
+            if plan is None:
+                grid = chip_grid(item, chip_size=key[2], max_chips=None)  # chips are indexed
+                plan = self._plans[key] = (plan_reads(item, bands), grid)
+            rows = [self.rows[indices[n]] for n in members]
+            chips = [(r.chip_index_x, r.chip_index_y) for r in rows]
+            out = np.empty((len(chips), len(bands), key[2], key[2]), dtype=np.float32)
+            requests.append(
+                ChipRequest(item, chips, bands, key[2], out=out, reads=plan[0], grid=plan[1])
+            )
+        got = read_chips(
+            requests, lanes=self._lanes(requests), sign=self.sign, cache=DATASETS, keep_open=True
+        )
+        pixels: list[np.ndarray] = [np.empty(0)] * len(indices)
+        for request, members, result in zip(requests, groups.values(), got, strict=True):
+            raise_failures(request.grid.item_id, request.chips, result)  # type: ignore[union-attr]
+            for j, n in enumerate(members):
+                pixels[n] = result.pixels[j]
+        return pixels
+
+    def _lanes(self, requests: list[ChipRequest]) -> int:
+        if self.lanes is not None:
+            return self.lanes
+        remote = any(is_remote(r.href) for q in requests for r in q.reads or ())
+        return REMOTE_SAMPLE_LANES if remote else LOCAL_LANES
+
+    def _read_ahead(self) -> _ReadAhead:
+        ahead = self._ahead
+        if ahead is None or ahead.pid != os.getpid():
+            ahead = self._ahead = _ReadAhead(self, self._sampler, self.prefetch)
+        return ahead
+
+    def _sample(self, index: int, pixels: np.ndarray) -> dict[str, Any]:
+        row = self.rows[index]
         return {
-            "pixels": pixels.astype(np.float32, copy=False),
-            "bands": bands,
+            "pixels": pixels,
+            "bands": self._bands[row.collection],
             "chip_id": row.chip_id,
             "collection": row.collection,
             "item_id": row.item_id,
@@ -417,5 +511,101 @@ class ChipDataset:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_reads"] = {}  # cheap to rebuild, and per process
+        state["_plans"] = {}  # cheap to rebuild, and per process
+        state["_ahead"] = None  # threads and futures stay in their process
         return state
+
+
+REMOTE_SAMPLE_LANES = 16
+"""Concurrent reads of a sample or batch from remote COGs. Fewer than prechip's `REMOTE_LANES`:
+a DataLoader has several workers, each with read-ahead, and measured over +20 ms HTTP (bench/
+bench_loader.py) 10-20 lanes per worker moved more samples than 32, whose extra threads each
+open every asset again and cost CPU the workers need for decompression."""
+
+LOCAL_LANES = 4
+"""Concurrent reads of a sample or batch from local files (decompression runs without the GIL,
+so a DataLoader worker uses more than one core while it has one to use)."""
+
+
+def _worker() -> tuple[int, int]:
+    """`(id, number of workers)` of this DataLoader worker; `(0, 1)` outside one (torch is not
+    imported for this: a worker process has imported it already)."""
+    data = sys.modules.get("torch.utils.data")
+    info = data.get_worker_info() if data is not None else None
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class _ReadAhead:
+    """Read-ahead of one process: its next requests predicted from the sampler's order.
+
+    A DataLoader gives batch b of the sampler's order to worker `b % workers`, so the k-th
+    request this worker gets is batch `id + k * workers`. Each request is checked against that
+    prediction; when it differs (another sampler order, a persistent worker in a new epoch) the
+    request is found in the current order again, and read-ahead stops after a few misses.
+    A miss costs nothing but the wasted reads: what is asked for is always what is returned.
+    """
+
+    MISSES = 3
+
+    def __init__(self, dataset: ChipDataset, sampler: Any, prefetch: int) -> None:
+        self.pid = os.getpid()
+        self.dataset = dataset
+        self.sampler = sampler
+        self.prefetch = prefetch
+        self.worker, self.workers = _worker()
+        self.order: np.ndarray | None = None
+        self.epoch: Any = None
+        self.batch = 0
+        self.request = 0
+        self.misses = 0
+        self.served = 0  # requests answered by a read started ahead (for tests and tuning)
+        self.pending: dict[int, Future[list[np.ndarray]]] = {}
+        self.pool: ThreadPoolExecutor | None = None
+
+    def _slice(self, k: int) -> np.ndarray | None:
+        assert self.order is not None
+        start = (self.worker + k * self.workers) * self.batch
+        return self.order[start : start + self.batch] if start < len(self.order) else None
+
+    def _sync(self, indices: list[int]) -> bool:
+        """Find `indices` in the sampler's current order; True when found (and `request` set)."""
+        self.pending.clear()  # predictions of another order: dropped (running ones finish)
+        self.order = np.asarray(self.sampler.indices(), dtype=np.int64)
+        self.epoch = getattr(self.sampler, "epoch", None)
+        self.batch = len(indices)
+        stride = self.workers * self.batch
+        for start in np.flatnonzero(self.order == indices[0]).tolist():
+            if start % stride == self.worker * self.batch and (
+                self.order[start : start + self.batch].tolist() == indices
+            ):
+                self.request = start // stride
+                return True
+        return False
+
+    def take(self, indices: list[int]) -> list[np.ndarray]:
+        if self.misses >= self.MISSES:
+            return self.dataset.read_pixels(indices)
+        expected = None
+        if self.order is not None and getattr(self.sampler, "epoch", None) == self.epoch:
+            expected = self._slice(self.request)
+        if (expected is None or expected.tolist() != indices) and not self._sync(indices):
+            self.misses += 1
+            return self.dataset.read_pixels(indices)
+        self.misses = 0
+        k = self.request
+        self.request += 1
+        # requests to keep in flight: `prefetch` samples in batches of this size
+        depth = max(1, math.ceil(self.prefetch / max(1, self.batch)))
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(depth, thread_name_prefix="chip-ahead")
+        for j in range(k + 1, k + 1 + depth):
+            ahead = self._slice(j)
+            if ahead is not None and j not in self.pending:
+                self.pending[j] = self.pool.submit(self.dataset.read_pixels, ahead.tolist())
+        for j in [j for j in self.pending if j < k]:
+            del self.pending[j]  # skipped requests (a resync): their reads are dropped
+        future = self.pending.pop(k, None)
+        if future is None:
+            return self.dataset.read_pixels(indices)
+        self.served += 1
+        return future.result()

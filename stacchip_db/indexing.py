@@ -4,14 +4,16 @@ The pipeline behind `stacchip-db index`, callable from Python as `stacchip_db.in
 Items are read by `item_sources`, their chips computed by `index.index_item` and stored with
 the items by `db.store`: normally by an `ItemWriter`, which batches many items per transaction
 and writes on background threads while the next items are indexed; in bulk (automatic when
-stacchip.chips is empty) every item is indexed first and then loaded by `db.store.bulk_load`
-in one transaction that rebuilds the table's indexes once. A bad item is reported in the
-summary (one line, with its id) and skipped; the others are stored.
+stacchip.chips or the first item's collection is empty) every item is indexed first and then
+loaded by `db.bulk.bulk_load` in one transaction that builds each collection's partition apart
+and attaches it. A bad item is reported in the summary (one line, with its id) and skipped;
+the others are stored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -31,7 +33,7 @@ from stacchip_db.db.writer import ItemFailure, ItemWriter
 from stacchip_db.errors import ConfigError, StacchipError, item_failure_line
 from stacchip_db.grid import CHIP_SIZE, MAX_CHIPS, item_georeference
 from stacchip_db.index import MAX_NODATA, index_item, quality_used
-from stacchip_db.item_sources import count_items, expand_sources, read_items
+from stacchip_db.item_sources import SourceItem, count_items, expand_sources, read_items
 from stacchip_db.quality import NoQualityBandWarning, QualityRule
 from stacchip_db.text import plural
 
@@ -48,10 +50,13 @@ class IndexPlan:
     items: int
     """Items expected: lines of local ndjson files, 1 per other source (an estimate)."""
     bulk: bool
-    """Whether the items are bulk loaded (`db.store.bulk_load`: stacchip.chips is locked
-    exclusively until the load commits)."""
+    """Whether the items are bulk loaded (`db.bulk.bulk_load`: each collection's partition
+    built apart and attached; writers of those collections wait until the load commits)."""
     automatic: bool
-    """True when `bulk` was chosen here (`bulk=None`) because stacchip.chips was empty."""
+    """True when `bulk` was chosen here (`bulk=None`)."""
+    why: str = ""
+    """With `automatic` and `bulk`: why (`stacchip.chips is empty`, or the first item's
+    collection has no chips yet)."""
 
 
 @dataclass
@@ -74,6 +79,8 @@ class IndexSummary(StoreResult):
     """Items indexed per (collection, rule, asset, profile)."""
     warnings: list[str] = field(default_factory=list)
     """Each distinct warning of `index_item` once (auto found no quality band)."""
+    layers: list[str] = field(default_factory=list)
+    """One line per raster layer whose class fractions the stored chips got (`layers`)."""
 
     def quality_rows(self) -> list[dict[str, Any]]:
         """Per collection, each rule used: its asset, the recognised profile, how many items."""
@@ -99,6 +106,7 @@ class IndexSummary(StoreResult):
             "timings": {step: round(seconds, 3) for step, seconds in self.timings.items()},
             "quality": self.quality_rows(),
             "warnings": self.warnings,
+            "layers": self.layers,
         }
 
     def describe(self) -> str:
@@ -122,6 +130,7 @@ class IndexSummary(StoreResult):
                 f"  {row['collection']}: quality {row['rule']}{asset}{profile}, "
                 f"{plural(row['items'], 'item')}"
             )
+        lines += [f"  {line}" for line in self.layers]
         return "\n".join(lines)
 
 
@@ -167,13 +176,18 @@ def index_items(
     into pgstac with its chip rows at `chip_size` replaced; `strict` and `on_conflict` are
     `db.store`'s.
 
-    `bulk`: True loads all items in one transaction that locks stacchip.chips exclusively
-    and rebuilds its indexes once (`db.store.bulk_load`, all or nothing); False stores batches
-    of items on `writers` connections; None (default) is bulk when stacchip.chips is empty.
+    `bulk`: True loads all items in one transaction that builds each collection's partition
+    of stacchip.chips apart and attaches it (`db.bulk.bulk_load`, all or nothing; other
+    collections are neither rebuilt nor locked); False stores batches
+    of items on `writers` connections; None (default) is bulk where that is safe and fast: when
+    stacchip.chips is empty, or the first item's collection has no chips yet (its partition is
+    missing or empty, so building it apart rebuilds nothing; items of other collections in the
+    same run go into the same load).
 
     A source, line or item that cannot be read, indexed or stored is one line in
     `summary.failed` and the others are stored. `on_plan` is called once before the first item
-    is read; `progress(1)` after each item read (or failed to read).
+    is indexed (with `bulk=None` and chips already stored, after the first item is read, to
+    learn its collection); `progress(1)` after each item read (or failed to read).
 
     Raises `item_sources.SourceError` for a source that does not exist (nothing is read),
     `ConfigError` for an invalid parameter, `DatabaseError` when the database fails.
@@ -199,18 +213,32 @@ def index_items(
     summary = IndexSummary()
     with contextlib.ExitStack() as stack:
         conn = stack.enter_context(db.connect())
-        automatic = bulk is None
-        summary.bulk = chips_table_is_empty(conn) if bulk is None else bulk
-        if automatic and summary.bulk:
-            log.debug("stacchip.chips is empty: bulk load")
+        sourced = read_items(paths)
+        why = "stacchip.chips is empty"
+        if bulk is None:
+            summary.bulk = chips_table_is_empty(conn)
+            if not summary.bulk:
+                first, sourced = _first_item(sourced)
+                collection = first and (first.get("collection") or options.collection)
+                if isinstance(collection, str) and collection:
+                    summary.bulk = chips_table_is_empty(conn, [collection])
+                    why = f"collection {collection!r} has no chips yet"
+            if summary.bulk:
+                log.debug("%s: bulk load", why)
+        else:
+            summary.bulk = bulk
+        if not (summary.bulk and bulk is None):
+            why = ""
         if on_plan is not None:
-            on_plan(IndexPlan(count_items(paths), summary.bulk, automatic))
-        items = _indexed(paths, options, progress, summary)
+            on_plan(IndexPlan(count_items(paths), summary.bulk, bulk is None, why))
+        read: list[tuple[str, str]] = []
+        items = _recorded(_indexed(sourced, options, progress, summary), read)
         if summary.bulk:
             _bulk(conn, items, options, summary)
         else:
             extra = [stack.enter_context(db.connect()) for _ in range(writers - 1)]
             _batched(conn, extra, items, options, summary)
+        _fill_layers(conn, read, summary)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -233,8 +261,20 @@ def _on_conflict(value: OnConflict | str) -> OnConflict:
         raise ConfigError(f"`on_conflict` {value!r} is not one of {choices}") from None
 
 
+def _first_item(
+    sourced: Iterator[SourceItem],
+) -> tuple[dict[str, Any] | None, Iterator[SourceItem]]:
+    """The first item that could be read, and all of `sourced` again (nothing read twice)."""
+    seen: list[SourceItem] = []
+    for source in sourced:
+        seen.append(source)
+        if source.item is not None:
+            return source.item, itertools.chain(seen, sourced)
+    return None, iter(seen)
+
+
 def _indexed(
-    sources: tuple[str, ...],
+    sourced: Iterable[SourceItem],
     options: _Options,
     progress: Callable[[int], None] | None,
     summary: IndexSummary,
@@ -246,7 +286,7 @@ def _indexed(
     (auto found no quality band) are collected once each, one per collection.
     """
     chip_size = options.chip_size
-    for source in read_items(sources):
+    for source in sourced:
         if progress is not None:
             progress(1)
         if source.item is None:
@@ -274,6 +314,32 @@ def _indexed(
         summary.quality[key] += 1
         grid_size = (height // chip_size) * (width // chip_size)
         yield item, chips, grid_size - chips.num_rows
+
+
+def _recorded(
+    items: Iterator[tuple[dict[str, Any], Any, int]], keys: list[tuple[str, str]]
+) -> Iterator[tuple[dict[str, Any], Any, int]]:
+    """`items`, each one's `(collection, id)` appended to `keys` as it goes by."""
+    for entry in items:
+        keys.append((str(entry[0]["collection"]), str(entry[0]["id"])))
+        yield entry
+
+
+def _fill_layers(
+    conn: psycopg.Connection, keys: list[tuple[str, str]], summary: IndexSummary
+) -> None:
+    """The class fractions of the stored chips, for every raster layer (a step after storing:
+    the store protocol does not know layers). A failure is a warning, not the items'."""
+    from stacchip_db.layers import fill_fractions
+
+    try:
+        summary.layers += [s.describe() for s in fill_fractions(conn, items=keys)]
+        conn.commit()
+    except StacchipError as exc:
+        conn.rollback()
+        summary.warnings.append(
+            f"class fractions not computed: {exc}; run stacchip-db layer refresh NAME"
+        )
 
 
 def _batched(

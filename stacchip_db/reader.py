@@ -1,30 +1,38 @@
 """Chip pixels from COGs: which asset holds each band, and reading chip windows from it.
 
-One item at a time: `read_item_chips` opens each asset of the requested bands once, reads only
-the windows of the requested chips (a coarser band at its own resolution, upsampled by the
-integer factor with `np.repeat`: nearest, as `grid` defines it) and stacks them into a
-`(chips, bands, chip_size, chip_size)` array in the platform's band order.
+One reading implementation, `read_chips`, for every reader: prechip, stats and preview read an
+item's chips at a time (`read_item_chips`), ChipDataset a sample or a batch of samples. It opens
+each asset of the requested bands once per reading thread, reads only the windows of the
+requested chips (a coarser band at its own resolution, upsampled by the integer factor: nearest,
+as `grid` defines it) and stacks them into `(chips, bands, chip_size, chip_size)` arrays in the
+platform's band order.
 
-Where the files are remote (HTTP, S3), latency and not bandwidth limits the reads, so the reads
-of one item are spread over "lanes" run by threads: each lane opens the assets it reads once
-and reads its windows in order; GDAL's /vsicurl/ cache shares the file headers between lanes of
-the same asset. Local reads are CPU-bound (tile decompression), so they use one lane: the
-parallelism there comes from worker processes (`read_engine`, `prechip --jobs`).
+Where the files are remote (HTTP, S3), latency and not bandwidth limits the reads, so the
+windows are spread over "lanes" run by the process's lane pool: long-lived threads, each lane
+pinned to a thread by its asset's href. A random-access reader (ChipDataset) keeps the datasets
+those threads open (`keep_open`, in the read engine's `DatasetCache`, entries per thread), so
+the dataset a thread opened (header and tile index parsed once) serves the next sample too;
+GDAL's /vsicurl/ cache shares file headers between threads. Local reads are CPU-bound (tile
+decompression) and run in one lane in the calling thread by default: the parallelism there
+comes from worker processes (`read_engine`, `prechip --jobs`, a DataLoader's workers).
 
 A window that cannot be read fails its chip, not the item: `ItemChips.failures` names the chip
 and the first href that failed it (one entry per chip), and the caller decides (prechip leaves
-the chip out and carries on).
+the chip out and carries on; a dataset raises `ChipReadError`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -215,6 +223,259 @@ def _lanes(reads: list[AssetRead], n_chips: int, lanes: int) -> list[_Lane]:
     return out
 
 
+# -- the lane pool: reading threads that outlive a call ---------------------------------------
+
+
+class _LanePool:
+    """Long-lived reading threads of one process, each fed by its own queue.
+
+    A lane is pinned to a thread by its asset's href (`thread_for`), so the same asset of the
+    same item lands on the same thread call after call: that thread's `DatasetCache` entry (the
+    open dataset with its parsed header and tile index) is reused by the next chip, the next
+    item task or the next sample, instead of every thread opening every asset.
+
+    Threads start on first use and are daemons (a finished program does not wait for them).
+    A pool belongs to the process that made it: after a fork the child makes its own
+    (`lane_pool`), and `_quiesce` holds a fork until no lane is running, so a child never
+    inherits a GDAL lock taken by a reading thread that does not exist in it.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.pid = os.getpid()
+        self._queues: list[queue.SimpleQueue[Any]] = []
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._running = 0
+
+    def thread_for(self, key: str, taken: set[int]) -> int:
+        """The thread for `key` (stable across calls), the next free one if `taken` has it."""
+        first = zlib.crc32(key.encode()) % self.size
+        for step in range(self.size):
+            slot = (first + step) % self.size
+            if slot not in taken:
+                return slot
+        return first
+
+    def submit(self, slot: int, work: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            while len(self._queues) <= slot:
+                q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+                thread = threading.Thread(
+                    target=self._serve, args=(q,), name=f"chip-read-{len(self._queues)}",
+                    daemon=True,
+                )  # fmt: skip
+                self._queues.append(q)
+                thread.start()
+            self._running += 1
+        self._queues[slot].put((work, future))
+        return future
+
+    def _serve(self, q: queue.SimpleQueue[Any]) -> None:
+        _LANE_THREAD.active = True
+        while True:
+            work, future = q.get()
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(work())
+                    except BaseException as exc:  # handed to the caller by future.result()
+                        future.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    if self._running == 0:
+                        self._idle.notify_all()
+                del work, future
+
+    def wait_idle(self, timeout_s: float) -> None:
+        with self._lock:
+            self._idle.wait_for(lambda: self._running == 0, timeout=timeout_s)
+
+
+_LANE_THREAD = threading.local()
+_POOL: _LanePool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def lane_pool() -> _LanePool:
+    """This process's lane pool (`REMOTE_LANES` threads), made on first use after a fork."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL.pid != os.getpid():
+            _POOL = _LanePool(REMOTE_LANES)
+        return _POOL
+
+
+def _quiesce() -> None:
+    """Before a fork: let running lanes finish (a few seconds at most), so no reading thread
+    holds a GDAL or /vsicurl/ lock the child would inherit locked."""
+    pool = _POOL
+    if pool is not None and pool.pid == os.getpid() and not getattr(_LANE_THREAD, "active", 0):
+        pool.wait_idle(FORK_WAIT_S)
+
+
+FORK_WAIT_S = 10.0
+"""How long a fork waits for running lanes of the forking process."""
+
+
+def _forget_in_child() -> None:
+    """In a forked child: the parent's pool and its lock (held, maybe, by a thread that does
+    not exist here) are not this process's."""
+    global _POOL, _POOL_LOCK
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+
+
+os.register_at_fork(before=_quiesce, after_in_child=_forget_in_child)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChipRequest:
+    """Chips `(x, y)` of one item to read, with the bands and chip size to read them at.
+
+    `reads` and `grid` (from `plan_reads` and `grid.chip_grid`) may be given when the caller
+    keeps them across calls (ChipDataset, per item); `out`, an array of shape
+    `(len(chips), len(bands), chip_size, chip_size)` of any dtype, receives the pixels.
+    """
+
+    item: Any
+    chips: Sequence[tuple[int, int]]
+    bands: Sequence[str]
+    chip_size: int
+    out: np.ndarray | None = None
+    reads: list[AssetRead] | None = None
+    grid: ChipGrid | None = None
+
+
+def read_chips(
+    requests: Sequence[ChipRequest],
+    *,
+    lanes: int | None = None,
+    dtype: Any = None,
+    sign: bool | None = None,
+    cache: OpenDatasets | None = None,
+    keep_open: bool = False,
+) -> list[ItemChips]:
+    """Pixels of the chips of each request, all read in one go; one `ItemChips` per request.
+
+    The one reading implementation: `read_item_chips` (prechip, stats, preview) is one request
+    and ChipDataset a sample or a batch of them. The windows of all requests (asset x chips)
+    are spread over at most `lanes` lanes (default: 1 when every asset is local, else
+    `REMOTE_LANES`); a single local lane runs in the calling thread, any other on the process's
+    lane pool, pinned by href. Datasets come from `cache` (the read engine's `DATASETS`) in the
+    calling thread, and in the pool's threads too with `keep_open` (random access: the next
+    sample finds its assets open in the thread its lanes are pinned to); else a lane opens its
+    assets and closes them when done (an item task's assets are not read again).
+    Failures as in `read_item_chips`.
+    """
+    planned = []
+    for request in requests:
+        # chips were already indexed: no limit on their number here
+        grid = request.grid or chip_grid(request.item, chip_size=request.chip_size, max_chips=None)
+        reads = (
+            request.reads if request.reads is not None else plan_reads(request.item, request.bands)
+        )
+        planned.append((request, grid, reads))
+    remote = any(is_remote(r.href) for _, _, reads in planned for r in reads)
+    if remote:
+        configure_gdal()
+    if lanes is None:
+        lanes = REMOTE_LANES if remote else 1
+    results = []
+    for request, _, reads in planned:
+        n = len(request.chips)
+        shape = (n, len(request.bands), request.chip_size, request.chip_size)
+        out = request.out
+        if out is not None and out.shape != shape:
+            raise ValueError(f"out has shape {out.shape}, expected {shape}")
+        if out is None:
+            out = np.empty(shape, dtype=dtype or _dtype(request.item, reads))
+        results.append(ItemChips(out, np.ones(n, dtype=bool)))
+    lock = threading.Lock()
+    caller = threading.current_thread()
+
+    def fail(got: ItemChips, position: int, href: str, exc: BaseException) -> None:
+        with lock:
+            if got.ok[position]:  # one failure per chip (its first asset): callers count chips
+                got.ok[position] = False
+                got.failures.append(ChipFailure(position, href, first_line(exc)))
+
+    def run(got: ItemChips, request: ChipRequest, grid: ChipGrid, lane: _Lane) -> None:
+        keep = cache is not None and (keep_open or threading.current_thread() is caller)
+        with ExitStack() as stack:
+            for read in lane.reads:
+                try:
+                    if keep:
+                        src = cache.open(read.href, sign=sign)  # type: ignore[union-attr]
+                    else:
+                        signed = sign_href(read.href, sign=sign)
+                        src = stack.enter_context(rasterio.open(signed))
+                except (RasterioError, OSError) as exc:
+                    for position in lane.positions:
+                        fail(got, position, read.href, exc)
+                    continue
+                read_lane(got, request, grid, lane, read, src)
+
+    def read_lane(
+        got: ItemChips, request: ChipRequest, grid: ChipGrid, lane: _Lane, read: AssetRead,
+        src: Any,
+    ) -> None:  # fmt: skip
+        """The lane's windows of one open asset."""
+        where = f"asset {read.asset!r} ({read.href})"
+        # Consecutive output bands are a view: read into place. Else via a copy.
+        first, last = read.positions[0], read.positions[-1]
+        contiguous = last - first + 1 == len(read.positions)
+        for position in lane.positions:
+            if not got.ok[position]:
+                continue
+            x, y = request.chips[position]
+            try:
+                if contiguous:
+                    target = got.pixels[position, first : last + 1]
+                    _read_window(src, grid, x, y, read.indexes, where, out=target)
+                else:
+                    data = _read_window(src, grid, x, y, read.indexes, where)
+                    got.pixels[position, list(read.positions)] = data
+            except (RasterioError, OSError) as exc:
+                fail(got, position, read.href, exc)
+
+    # Each request gets its share of the lanes (at least one).
+    share = max(1, lanes // max(1, len(planned)))
+    work = [
+        (got, request, grid, lane)
+        for got, (request, grid, reads) in zip(results, planned, strict=True)
+        for lane in _lanes(reads, len(request.chips), share if lanes > 1 else 1)
+    ]
+    # Remote reads never run in the calling thread: GDAL keeps a /vsicurl/ connection per
+    # thread, and a process forked from a thread holding one (a DataLoader's workers forked
+    # from the main thread) would share its socket with its siblings. A lane thread never
+    # waits for other lanes: it reads its own work inline.
+    inline = not remote and (lanes <= 1 or len(work) <= 1)
+    if inline or getattr(_LANE_THREAD, "active", False):
+        for args in work:
+            run(*args)
+    else:
+        pool = lane_pool()
+        taken: set[int] = set()
+        futures = []
+        for got, request, grid, lane in work:
+            key = f"{lane.reads[0].href}#{lane.positions[:1]}" if lane.reads else ""
+            slot = pool.thread_for(key, taken)
+            taken.add(slot)
+            futures.append(pool.submit(slot, partial(run, got, request, grid, lane)))
+        for future in futures:
+            future.result()
+    for got in results:
+        got.failures.sort(key=lambda f: f.position)
+        got.pixels[~got.ok] = 0
+    return results
+
+
 def read_item_chips(
     item: Any,
     chips: Sequence[tuple[int, int]],
@@ -242,71 +503,8 @@ def read_item_chips(
     Raises BandError / GridError when the item cannot give these bands on this grid at all,
     SigningError when no SAS token can be had.
     """
-    grid = chip_grid(item, chip_size=chip_size, max_chips=None)  # chips already indexed
-    reads = plan_reads(item, bands)
-    if lanes is None:
-        lanes = REMOTE_LANES if any(is_remote(r.href) for r in reads) else 1
-    if any(is_remote(r.href) for r in reads):
-        configure_gdal()
-    n = len(chips)
-    shape = (n, len(bands), chip_size, chip_size)
-    if out is not None and out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, expected {shape}")
-    pixels = out if out is not None else np.empty(shape, dtype=dtype or _dtype(item, reads))
-    ok = np.ones(n, dtype=bool)
-    failures: list[ChipFailure] = []
-    lock = threading.Lock()
-
-    def fail(position: int, href: str, exc: BaseException) -> None:
-        with lock:
-            if ok[position]:  # one failure per chip (its first asset), so callers count chips
-                ok[position] = False
-                failures.append(ChipFailure(position, href, first_line(exc)))
-
-    work = _lanes(reads, n, lanes)
-
-    def run(lane: _Lane) -> None:
-        with ExitStack() as stack:
-            for read in lane.reads:
-                try:
-                    # One lane runs in the calling thread: keep its datasets open for the next
-                    # item task of this process (workers get many). Threads open their own.
-                    if len(work) == 1 and datasets is not None:
-                        src = datasets.open(read.href, sign=sign)
-                    else:
-                        signed = sign_href(read.href, sign=sign)
-                        src = stack.enter_context(rasterio.open(signed))
-                except (RasterioError, OSError) as exc:
-                    for position in lane.positions:
-                        fail(position, read.href, exc)
-                    continue
-                where = f"asset {read.asset!r} ({read.href})"
-                for position in lane.positions:
-                    if not ok[position]:
-                        continue
-                    x, y = chips[position]
-                    # Consecutive output bands are a view: read into place. Else via a copy.
-                    first, last = read.positions[0], read.positions[-1]
-                    contiguous = last - first + 1 == len(read.positions)
-                    try:
-                        if contiguous:
-                            target = pixels[position, first : last + 1]
-                            _read_window(src, grid, x, y, read.indexes, where, out=target)
-                        else:
-                            data = _read_window(src, grid, x, y, read.indexes, where)
-                            pixels[position, list(read.positions)] = data
-                    except (RasterioError, OSError) as exc:
-                        fail(position, read.href, exc)
-
-    if len(work) == 1:
-        run(work[0])
-    else:
-        with ThreadPoolExecutor(max_workers=len(work), thread_name_prefix="chip-read") as pool:
-            for _ in pool.map(run, work):
-                pass
-    failures.sort(key=lambda f: f.position)
-    pixels[~ok] = 0
-    return ItemChips(pixels, ok, failures)
+    request = ChipRequest(item, chips, bands, chip_size, out=out)
+    return read_chips([request], lanes=lanes, dtype=dtype, sign=sign, cache=datasets)[0]
 
 
 def _dtype(item: Any, reads: list[AssetRead]) -> np.dtype:
@@ -319,7 +517,7 @@ def _dtype(item: Any, reads: list[AssetRead]) -> np.dtype:
     return np.result_type(*types) if types else np.dtype("float32")
 
 
-# -- random access (ChipDataset) ----------------------------------------------------------------
+# -- open datasets ------------------------------------------------------------------------------
 
 
 class OpenDatasets(Protocol):
@@ -341,32 +539,34 @@ def read_chip(
     reads: list[AssetRead] | None = None,
     grid: ChipGrid | None = None,
     sign: bool | None = None,
+    lanes: int | None = None,
 ) -> np.ndarray:
     """Pixels `(len(bands), chip_size, chip_size)` of one chip, datasets reused via `cache`
     (`read_engine.DATASETS`: this process's open datasets).
 
+    `read_chips` with one chip (its bands read concurrently when `lanes` > 1).
     Raises ChipReadError naming the chip and the href when an asset cannot be read;
     Planetary Computer hrefs are signed as in `read_item_chips`.
     """
     grid = grid or chip_grid(item, chip_size=chip_size, max_chips=None)
     reads = reads if reads is not None else plan_reads(item, bands)
-    out: np.ndarray | None = None
-    for read in reads:
-        where = f"asset {read.asset!r} ({read.href})"
-        try:
-            data = _read_window(
-                cache.open(read.href, sign=sign), grid, x, y, read.indexes, where
-            )
-        except (RasterioError, OSError) as exc:
-            raise ChipReadError(
-                f"chip {grid.item_id}-{x}-{y}: cannot read {read.href}: {first_line(exc)}"
-            ) from exc
-        if out is None:
-            out = np.zeros((len(bands), chip_size, chip_size), dtype=_dtype(item, reads))
-        out[list(read.positions)] = data
-    if out is None:
+    if not reads:
         raise BandError(f"chip {grid.item_id}-{x}-{y}: no bands requested")
-    return out
+    request = ChipRequest(item, [(x, y)], bands, chip_size, reads=reads, grid=grid)
+    got = read_chips([request], lanes=lanes, sign=sign, cache=cache, keep_open=True)[0]
+    raise_failures(grid.item_id, request.chips, got)
+    return got.pixels[0]
+
+
+def raise_failures(item_id: str, chips: Sequence[tuple[int, int]], got: ItemChips) -> None:
+    """Raise ChipReadError for the first chip of `got` that failed (for readers that cannot
+    leave a chip out, as a dataset cannot)."""
+    if got.failures:
+        failure = got.failures[0]
+        x, y = chips[failure.position]
+        raise ChipReadError(
+            f"chip {item_id}-{x}-{y}: cannot read {failure.href}: {failure.message}"
+        )
 
 
 class ChipReadError(StacchipError):

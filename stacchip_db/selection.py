@@ -17,6 +17,7 @@ date: that whole day) into the exclusive one.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import Field, dataclass, field, fields
 from datetime import UTC, datetime, time, timedelta
@@ -26,6 +27,7 @@ import psycopg
 import pyarrow as pa
 import shapely
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from stacchip_db.chip_schema import chip_field
 from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
@@ -53,6 +55,8 @@ SPLITS = ("train", "val", "test")
 STRATA = ("collection", "year", "quarter", "cell")
 LOCATION_STRATA = ("collection", "cell")
 """Strata of a sample of places: a place spans dates, so years and quarters do not apply."""
+LAYER_STRATUM = "layer:"
+"""`stratify_by` prefix of a layer's strata (`layer:NAME`)."""
 DEFAULT_BLOCK_SIZE = 1.0
 """Degrees; a block is the unit that goes whole into one split."""
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -60,6 +64,10 @@ DEFAULT_CELL_SIZE = 1.0
 """Degrees; the cell of `stratify_by='cell'`."""
 SQL_NAME = "sql"
 """`ChipFilter` field metadata: the SQL parameter's name, when it is not the field's."""
+SQL_VALUE = "sql_value"
+"""`ChipFilter`/`Sampling` field metadata: turns the field's value into the SQL argument's."""
+LAYER_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+"""A layer's name (`stacchip.layers.name`): a lower-case SQL identifier."""
 
 
 class SelectionError(StacchipError):
@@ -73,7 +81,10 @@ class ChipFilter:
     `bbox` is (minx, miny, maxx, maxy) in degrees; `intersects` is WKT in EPSG:4326; `start` is
     inclusive and `end` exclusive (see `parse_end`); fractions are 0..1. With `split`, only the
     chips of that split; `split_buffer` (degrees, 0 = strict) drops chips whose footprint grown
-    by it crosses the edge of their block.
+    by it crosses the edge of their block. `within` is `(layer,)` or `(layer, column, value)`:
+    chips intersecting that vector layer's features (those whose `column` reads `value`);
+    `min_fractions` holds `(layer, class, fraction)`: chips with at least that share of the
+    raster layer's class (each one must hold).
 
     Each field is the filter parameter of the same name in `sql/010_selection.sql`'s filter
     block (or the name in its `SQL_NAME` metadata), which the call passes it to: a new filter
@@ -94,8 +105,23 @@ class ChipFilter:
     block_size: float = DEFAULT_BLOCK_SIZE
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
     split_buffer: float | None = None
+    within: tuple[str, ...] = ()
+    min_fractions: tuple[tuple[str, str, float], ...] = field(
+        default=(), metadata={SQL_VALUE: lambda value: Jsonb(_fractions_json(value))}
+    )
 
     def __post_init__(self) -> None:
+        if self.within:
+            check_within(self.within)
+        for layer, class_name, fraction in self.min_fractions:
+            check_layer_name(layer, "min_fractions")
+            if not class_name:
+                raise SelectionError(f"`min_fractions`: layer {layer!r} needs a class name")
+            if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
+                raise SelectionError(
+                    f"`min_fractions`: {fraction!r} for {layer}:{class_name} is not a fraction "
+                    "between 0 and 1"
+                )
         if self.bbox is not None:
             check_bbox(self.bbox)
         for name in ("start", "end"):
@@ -131,6 +157,11 @@ class ChipFilter:
 class Sampling:
     """A reproducible sample of `n` chips without replacement, optionally stratified.
 
+    `stratify_by` is one of `STRATA` or `layer:NAME` (strata: a raster layer's dominant class,
+    or the stratum column of the vector layer feature holding the chip's centre). `quotas`
+    (with a layer only) holds `(stratum, share)`: exactly round(share * n) chips of each named
+    stratum (all it has when fewer), the rest of `n` from the other strata in sampling order.
+
     With `by_location`, `n` places (`stacchip.chips.location`), each with all its chips that
     pass the filters (`stacchip.sample_locations`); strata are then `LOCATION_STRATA`.
     """
@@ -139,6 +170,7 @@ class Sampling:
     seed: int = 0
     stratify_by: str | None = None
     cell_size: float = DEFAULT_CELL_SIZE
+    quotas: tuple[tuple[str, float], ...] = ()
     by_location: bool = False
 
     def __post_init__(self) -> None:
@@ -147,9 +179,12 @@ class Sampling:
         if not -(2**63) <= self.seed < 2**63:
             raise SelectionError(f"seed {self.seed} does not fit a 64-bit integer")
         if self.stratify_by is not None and self.stratify_by not in STRATA:
-            raise SelectionError(
-                f"stratify by {self.stratify_by!r}: choose one of {', '.join(STRATA)}"
-            )
+            layer = self.stratify_by.removeprefix(LAYER_STRATUM)
+            if not self.stratify_by.startswith(LAYER_STRATUM) or not LAYER_NAME.fullmatch(layer):
+                raise SelectionError(
+                    f"stratify by {self.stratify_by!r}: choose one of {', '.join(STRATA)} or "
+                    "layer:NAME (a layer's name: lower-case letters, digits, _)"
+                )
         _check_degrees("cell size", self.cell_size)
         if self.by_location and self.stratify_by not in (None, *LOCATION_STRATA):
             raise SelectionError(
@@ -157,6 +192,15 @@ class Sampling:
                 f"place spans dates): stratify by {' or '.join(LOCATION_STRATA)}, or filter "
                 "the dates"
             )
+        if self.quotas:
+            check_quotas(self.quotas, self.n, has_layer=self.layer is not None)
+
+    @property
+    def layer(self) -> str | None:
+        """The layer whose classes or features are the strata (`layer:NAME`), else None."""
+        if self.stratify_by is not None and self.stratify_by.startswith(LAYER_STRATUM):
+            return self.stratify_by.removeprefix(LAYER_STRATUM)
+        return None
 
 
 @dataclass(frozen=True)
@@ -182,7 +226,10 @@ class SelectionQuery:
 # -- building the call ------------------------------------------------------------------------
 
 # The sampling arguments, before the filters in the functions' parameter lists.
-_SAMPLING_TYPES = {"n": "int", "seed": "bigint", "stratify_by": "text", "cell_size": "float8"}
+_SAMPLING_TYPES = {
+    "n": "int", "seed": "bigint", "stratify_by": "text", "cell_size": "float8", "layer": "text",
+    "quotas": "jsonb",
+}
 
 
 def sql_parameter(chip_filter_field: Field[Any]) -> str:
@@ -195,8 +242,10 @@ def _sql_types() -> dict[str, str]:
     return {p.name: p.type for p in selection_filters()} | _SAMPLING_TYPES
 
 
-def _sql_value(value: Any, sql_type: str) -> Any:
+def _sql_value(value: Any, sql_type: str, convert: Any = None) -> Any:
     """A field's value as psycopg should send it to a parameter of `sql_type`."""
+    if convert is not None:
+        return convert(value)
     if isinstance(value, tuple):
         value = list(value)
         return [float(v) for v in value] if sql_type.startswith("float8") else value
@@ -212,7 +261,7 @@ def _filter_values(chip_filter: ChipFilter) -> dict[str, Any]:
         if value is None or value == ():
             continue
         name = sql_parameter(chip_filter_field)
-        values[name] = _sql_value(value, types[name])
+        values[name] = _sql_value(value, types[name], chip_filter_field.metadata.get(SQL_VALUE))
     # Block size and fractions only shape a split: without one they would be noise in `--sql`.
     if chip_filter.split is None and chip_filter.split_buffer is None:
         del values["block_size"], values["split_fractions"]
@@ -240,10 +289,22 @@ def build_selection(
         order = sql.SQL("\nORDER BY {}").format(sql.SQL(", ").join(map(sql.Identifier, CHIP_KEY)))
     else:
         head: dict[str, Any] = {"n": sampling.n, "seed": sampling.seed}
-        function = "sample_locations" if sampling.by_location else "sample_chips"
-        if sampling.stratify_by is not None:
-            function += "_stratified"
+        if sampling.layer is not None:
+            # sql/030: a layer's strata, and quotas, are a function of their own
+            function = "sample_chips_by_layer"
+            head["layer"] = sampling.layer
+            if sampling.quotas:
+                head["quotas"] = Jsonb(dict(sampling.quotas))
+        elif sampling.by_location:  # sql/040: samples of places
+            function = "sample_locations"
+            if sampling.stratify_by is not None:
+                function += "_stratified"
+                head |= {"stratify_by": sampling.stratify_by, "cell_size": sampling.cell_size}
+        elif sampling.stratify_by is not None:
+            function = "sample_chips_stratified"
             head |= {"stratify_by": sampling.stratify_by, "cell_size": sampling.cell_size}
+        else:
+            function = "sample_chips"
         arguments = head | arguments
         order = sql.SQL("")
     tail = sql.SQL("\nLIMIT {}").format(sql.Literal(limit)) if limit is not None else sql.SQL("")
@@ -405,6 +466,8 @@ _ALONE = (
     ("quarters",),
     ("max_cloud",),
     ("max_nodata",),
+    ("within",),
+    ("min_fractions",),
 )
 
 
@@ -492,6 +555,15 @@ def _no_chip_alone(conn: psycopg.Connection, f: ChipFilter, name: str) -> str:
         return f"bbox {box} is outside every chip; {_extent(conn)}"
     if name == "intersects":
         return f"the intersects geometry is outside every chip; {_extent(conn)}"
+    if name == "within":
+        match = f" whose {f.within[1]} is {f.within[2]!r}" if len(f.within) == 3 else ""
+        return f"no chip intersects a feature of layer {f.within[0]!r}{match}"
+    if name == "min_fractions":
+        wanted = ", ".join(f"{layer}:{c}>={v:g}" for layer, c, v in f.min_fractions)
+        return (
+            f"no chip has {wanted} (chips get fractions when a raster layer is added or "
+            "refreshed: stacchip-db layer list)"
+        )
     if name == "start":
         first, last = conn.execute(
             "SELECT min(datetime), max(datetime) FROM stacchip.chips"
@@ -613,3 +685,72 @@ def _check_range(what: str, values: Sequence[int], low: int, high: int) -> None:
 def _check_degrees(what: str, value: float) -> None:
     if not (math.isfinite(value) and 0 < value <= 360):
         raise SelectionError(f"{what} {value!r} is not a positive number of degrees (<= 360)")
+
+
+def check_layer_name(name: str, what: str) -> str:
+    """A layer's name, checked (`what` names the parameter in messages)."""
+    if not LAYER_NAME.fullmatch(name):
+        raise SelectionError(
+            f"`{what}`: {name!r} is not a layer name (lower-case letters, digits and _, "
+            "starting with a letter)"
+        )
+    return name
+
+
+def check_within(within: Sequence[str]) -> tuple[str, ...]:
+    """`(layer,)` or `(layer, column, value)`, checked."""
+    if len(within) not in (1, 3):
+        raise SelectionError(
+            f"`within` is (layer,) or (layer, column, value), not {len(within)} values"
+        )
+    check_layer_name(within[0], "within")
+    if len(within) == 3 and not within[1]:
+        raise SelectionError("`within`: the column name is empty")
+    return tuple(within)
+
+
+def _fractions_json(min_fractions: Sequence[tuple[str, str, float]]) -> dict[str, Any]:
+    """`min_fractions` as the SQL parameter's JSON: {"layer": {"class": fraction}}."""
+    result: dict[str, dict[str, float]] = {}
+    for layer, class_name, fraction in min_fractions:
+        per_layer = result.setdefault(layer, {})
+        # two thresholds of one class: the stricter holds (both must)
+        per_layer[class_name] = max(fraction, per_layer.get(class_name, 0.0))
+    return result
+
+
+def quota_counts(quotas: Sequence[tuple[str, float]], n: int) -> dict[str, int]:
+    """round(share * n) per stratum, half up (as the SQL function rounds its numeric)."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    return {
+        stratum: int((Decimal(repr(share)) * n).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+        for stratum, share in quotas
+    }
+
+
+def check_quotas(quotas: Sequence[tuple[str, float]], n: int, *, has_layer: bool) -> None:
+    """Quotas need a layer's strata; shares are in (0, 1], sum to at most 1, name each stratum
+    once, and their chips fit in `n`."""
+    if not has_layer:
+        raise SelectionError("`quotas` need strata of a layer: stratify by layer:NAME")
+    names = [stratum for stratum, _ in quotas]
+    if len(set(names)) != len(names):
+        raise SelectionError(f"`quotas` name a stratum twice: {', '.join(names)}")
+    for stratum, share in quotas:
+        if not stratum:
+            raise SelectionError("`quotas`: a stratum name is empty")
+        if not (math.isfinite(share) and 0.0 < share <= 1.0):
+            raise SelectionError(
+                f"`quotas`: share {share!r} of {stratum!r} is not a fraction in (0, 1] "
+                "(30% is 0.3)"
+            )
+    total = sum(share for _, share in quotas)
+    if total > 1.0 + 1e-9:
+        raise SelectionError(f"`quotas`: the shares add up to {total:g}, more than 1")
+    counts = quota_counts(quotas, n)
+    if sum(counts.values()) > n:
+        raise SelectionError(
+            f"`quotas`: the shares round to {sum(counts.values())} chips, more than the sample "
+            f"size {n}; lower a share"
+        )

@@ -211,6 +211,46 @@ def write_cog(
     return path
 
 
+WORLDCOVER_CLASSES = {
+    10: "tree", 20: "shrub", 30: "grass", 40: "crop", 50: "built", 60: "bare", 70: "snow",
+    80: "water", 90: "wetland", 95: "mangrove", 100: "moss",
+}  # fmt: skip
+"""ESA WorldCover's class values and short names (nodata 0)."""
+
+
+def write_class_raster(
+    path: str | Path,
+    bounds: tuple[float, float, float, float],
+    resolution: float,
+    *,
+    seed: int = 0,
+    block: int = 3,
+    classes: Iterable[int] = tuple(WORLDCOVER_CLASSES),
+    nodata_box: tuple[float, float, float, float] | None = None,
+) -> Path:
+    """A categorical uint8 COG in EPSG:4326 over `bounds` (minx, miny, maxx, maxy, degrees) at
+    `resolution` degrees: classes drawn at random in `block` x `block` pixel squares, with a
+    skew so that some classes dominate, nodata 0 (also inside `nodata_box`). Like ESA
+    WorldCover, for tests and benchmarks of class layers."""
+    minx, miny, maxx, maxy = bounds
+    width = max(1, round((maxx - minx) / resolution))
+    height = max(1, round((maxy - miny) / resolution))
+    rng = np.random.default_rng(seed)
+    values = np.array(list(classes), dtype=np.uint8)
+    weights = 1.0 / np.arange(1, len(values) + 1)
+    coarse = rng.choice(values, size=(-(-height // block), -(-width // block)),
+                        p=weights / weights.sum())  # fmt: skip
+    data = np.repeat(np.repeat(coarse, block, axis=0), block, axis=1)[:height, :width]
+    transform = Affine(resolution, 0, minx, 0, -resolution, maxy)
+    if nodata_box is not None:
+        bx0, by0, bx1, by1 = nodata_box
+        inverse = ~transform
+        c0, r0 = (int(v) for v in inverse @ (bx0, by1))
+        c1, r1 = (int(v) for v in inverse @ (bx1, by0))
+        data[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)] = 0
+    return write_cog(path, data, crs="EPSG:4326", transform=transform, nodata=0)
+
+
 def _scaled(transform: list[float], scale: int) -> list[float]:
     a, b, c, d, e, f = (float(v) for v in transform[:6])
     return [a * scale, b * scale, c, d * scale, e * scale, f]
@@ -361,9 +401,24 @@ def fill_chips(
     again), so their chips share locations: a hash of cell, chip size and chip position.
 
     For tests and benchmarks that need many chips fast (selection, streaming, memory); the
-    caller commits. Returns `n`.
+    caller commits. The collection's partition is made first where the schema has partitions
+    (alembic 0008: `stacchip.chip_partition`; a migration test fills older schemas too), and
+    the rows get their location where the column exists (alembic 0010). Returns `n`.
     """
     if n < 0:
         raise ValueError(f"n {n} is negative")
-    conn.execute(_FILL_CHIPS, {"n": n, "collection": collection, "chip_size": chip_size})
+    partitioned = conn.execute(
+        "SELECT to_regprocedure('stacchip.chip_partition(text)') IS NOT NULL"
+    ).fetchone()[0]
+    if partitioned:
+        conn.execute("SELECT stacchip.chip_partition(%s)", (collection,))
+    located = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'stacchip.chips'::regclass "
+        "AND attname = 'location' AND NOT attisdropped)"
+    ).fetchone()[0]
+    fill = _FILL_CHIPS
+    if not located:  # before alembic 0010: no location column
+        fill = fill.replace("nodata_fraction, location, geometry", "nodata_fraction, geometry")
+        fill = fill[: fill.index("       ('x' ||")] + fill[fill.index("       ST_MakeEnvelope") :]
+    conn.execute(fill, {"n": n, "collection": collection, "chip_size": chip_size})
     return n

@@ -42,6 +42,7 @@ def planted(database_url: str) -> tuple[str, int]:
     """Chips of 0.1° in two neighbouring blocks of different splits, and one chip straddling
     their edge that overlaps a chip of the other block by 0.05° x 0.1°."""
     with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT stacchip.chip_partition('planted')")
         bx = _two_blocks(conn)
         for x in range(6):
             _chip(conn, "west", x, (bx + 0.4 + 0.1 * x, 0.3, bx + 0.5 + 0.1 * x, 0.4))

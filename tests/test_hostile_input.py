@@ -319,6 +319,7 @@ def _store_unsafe_copy(url: str, source: dict, collection: str, item_id: str) ->
         if not conn.execute(exists, (collection,)).fetchone():
             conn.execute("SELECT pgstac.create_collection(%s::jsonb)", (json.dumps(document),))
         conn.execute("SELECT pgstac.upsert_item(%s::jsonb)", (json.dumps(item),))
+        conn.execute("SELECT stacchip.chip_partition(%s)", (collection,))
         conn.execute(
             """
             INSERT INTO stacchip.chips (collection, item_id, chip_size, chip_index_x,

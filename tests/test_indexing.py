@@ -53,7 +53,7 @@ def test_index_items_into_an_empty_table_is_a_bulk_load(
         progress=read.append, on_plan=plans.append,
     )  # fmt: skip
     assert isinstance(summary, IndexSummary)
-    assert plans == [IndexPlan(items=4, bulk=True, automatic=True)]
+    assert plans == [IndexPlan(items=4, bulk=True, automatic=True, why="stacchip.chips is empty")]
     assert read == [1, 1, 1, 1]
     assert (summary.bulk, summary.items, summary.failed) == (True, 4, [])
     assert summary.chips == _expected(items) == _stored(database_url)[1]
@@ -71,6 +71,35 @@ def test_index_items_into_an_empty_table_is_a_bulk_load(
     assert json.loads(json.dumps(summary.to_dict()))["items"] == 4
     # the package exports the call
     assert stacchip_db.index_items is index_items and stacchip_db.IndexSummary is IndexSummary
+
+
+def test_a_collection_without_chips_is_bulk_loaded_beside_stored_ones(
+    database_url: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    """Bulk is chosen by the first item's collection: a new collection is built apart while
+    another has chips; more items of a collection that has chips go the batched way."""
+    items = _naip(fixtures_dir, 6)
+    index_items(
+        [_ndjson(tmp_path / "a.ndjson", items[:2])], database_url, quality="none",
+        chip_size=CHIP_SIZE, collection="naip-a", bulk=False,
+    )  # fmt: skip
+    for item in items[2:]:
+        item["collection"] = "naip-b"
+    plans: list[IndexPlan] = []
+    new = index_items(
+        [_ndjson(tmp_path / "b.ndjson", items[2:4])], database_url, quality="none",
+        chip_size=CHIP_SIZE, on_plan=plans.append,
+    )  # fmt: skip
+    assert plans == [
+        IndexPlan(items=2, bulk=True, automatic=True, why="collection 'naip-b' has no chips yet")
+    ]
+    assert (new.bulk, new.items, new.failed) == (True, 2, [])
+    more = index_items(
+        [_ndjson(tmp_path / "b2.ndjson", items[4:])], database_url, quality="none",
+        chip_size=CHIP_SIZE,
+    )  # fmt: skip
+    assert (more.bulk, more.items, more.failed) == (False, 2, [])
+    assert _stored(database_url) == (6, _expected(items))
 
 
 def test_index_items_batched_on_several_writers_and_ignore(

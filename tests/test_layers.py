@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "grid": CORE,
     "sensors": CORE,
     "quality": CORE,
+    "class_fractions": CORE,
     "index": CORE,
     "reader": CORE,
     "selection": CORE,
@@ -54,6 +55,7 @@ LAYERS: dict[str, int] = {
     "export": SERVICES,
     "chip_formats": SERVICES,
     "synthetic": SERVICES,
+    "layers": SERVICES,
     # front ends: what a user runs
     "cli": FRONT,
     "batch": FRONT,

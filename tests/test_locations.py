@@ -72,6 +72,7 @@ def test_stored_locations_the_migration_and_the_fallback(database_url: str) -> N
             store_item(conn, item, index_item(item, quality="none", chip_size=1024, max_nodata=1),
                        chip_size=1024)  # fmt: skip
         # A row whose item is not in pgstac, inserted without a location (another tool).
+        conn.execute("SELECT stacchip.chip_partition('other')")
         conn.execute(
             "INSERT INTO stacchip.chips (collection, item_id, chip_size, chip_index_x, "
             "chip_index_y, datetime, cloud_fraction, nodata_fraction, geometry) VALUES "
@@ -84,7 +85,7 @@ def test_stored_locations_the_migration_and_the_fallback(database_url: str) -> N
         conn.execute("DROP TRIGGER chips_location_default ON stacchip.chips")
         conn.execute("DROP FUNCTION stacchip.chip_location_default()")
         conn.execute("ALTER TABLE stacchip.chips DROP COLUMN location CASCADE")
-        conn.execute("UPDATE stacchip.alembic_version SET version_num = '0007'")
+        conn.execute("UPDATE stacchip.alembic_version SET version_num = '0009'")
     init_database(database_url)
     with psycopg.connect(database_url, autocommit=True) as conn:
         migrated = dict(conn.execute(
@@ -133,8 +134,10 @@ def _sample(url: str, chip_filter: ChipFilter, sampling: Sampling) -> list[tuple
     built = build_selection(chip_filter, sampling)
     query = sql.SQL(
         "SELECT s.collection, s.item_id, s.chip_index_x, s.chip_index_y, "
-        "stacchip.chip_split(s.geometry), c.location FROM ({}) AS s JOIN stacchip.chips c "
-        "USING (collection, item_id, chip_size, chip_index_x, chip_index_y)"
+        "stacchip.chip_split(s.geometry), c.location "
+        "FROM (SELECT row_number() OVER () AS n, q.* FROM ({}) AS q) AS s "
+        "JOIN stacchip.chips c USING (collection, item_id, chip_size, chip_index_x, chip_index_y) "
+        "ORDER BY s.n"  # the selection's order, kept through the join
     ).format(built.query)
     with psycopg.connect(url) as conn:
         return conn.execute(query, built.params).fetchall()

@@ -45,7 +45,7 @@ def test_init_empty_database_twice_is_idempotent(empty_database_url: str) -> Non
     assert state.current, state.problems
     assert state.alembic_revision == alembic_head()
     first = _snapshot(empty_database_url)
-    for table in ("pgstac.items:p", "pgstac.collections:r", "stacchip.chips:r"):
+    for table in ("pgstac.items:p", "pgstac.collections:r", "stacchip.chips:p"):
         assert table in first["relations"]
     assert {"postgis", "btree_gist"} <= set(first["extensions"])
     assert "eo:cloud_cover:to_float" in first["queryables"]
@@ -84,7 +84,18 @@ def test_chips_table_enforces_contract(database_url: str) -> None:
         "ST_GeomFromText('POLYGON((0 0,1 0,1 1,0 1,0 0))', 4326))"
     )
     with psycopg.connect(database_url, autocommit=True) as conn:
+        # A collection's rows go into its partition: hand writers create it first (0008).
+        with pytest.raises(psycopg.errors.CheckViolation, match="no partition"):
+            conn.execute(insert, (0.5, 0.1))
+        partition = conn.execute("SELECT stacchip.chip_partition('c')::text").fetchone()[0]
+        assert conn.execute("SELECT stacchip.chip_partition('c')::text").fetchone()[0] == partition
         conn.execute(insert, (0.5, 0.1))
+        # The sampling key is stored with the row: the portable hash of 0003.
+        stored, portable = conn.execute(
+            "SELECT sample_key, stacchip.chip_sample_key(collection, item_id, chip_size, "
+            "chip_index_x, chip_index_y) FROM stacchip.chips"
+        ).fetchone()
+        assert stored == portable
         with pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute(insert, (0.2, 0.1))
         with pytest.raises(psycopg.errors.CheckViolation):
@@ -158,3 +169,95 @@ def test_doctor_reports_versions_and_problems(database_url: str) -> None:
     assert bad.exit_code == 1
     assert "problem          the SQL functions" in bad.stdout
     assert "db init" in bad.stderr
+
+
+def _upgrade_to(url: str, revision: str) -> None:
+    """alembic `upgrade` (or `downgrade`) of schema stacchip to `revision`, nothing else."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from stacchip_db.db import connect
+    from stacchip_db.db.migrate import alembic_config
+
+    engine = sa.create_engine(
+        "postgresql+psycopg://", creator=lambda: connect(url), poolclass=sa.NullPool
+    )
+    try:
+        with engine.connect() as sa_conn:
+            config = alembic_config()
+            config.attributes["connection"] = sa_conn
+            current = sa_conn.execute(
+                sa.text("SELECT version_num FROM stacchip.alembic_version")
+            ).scalar()
+            if current > revision:
+                command.downgrade(config, revision)
+            else:
+                command.upgrade(config, revision)
+            sa_conn.commit()
+    finally:
+        engine.dispose()
+
+
+# Seeded sample as revision 0003 defines it, written out: chips in chip_sample_key order from
+# the seed's offset up, then wrapping around (stacchip.sample_chips, sql/010).
+_SAMPLE_0007 = """
+WITH k AS (
+    SELECT collection, item_id, chip_size, chip_index_x, chip_index_y,
+           stacchip.chip_sample_key(collection, item_id, chip_size, chip_index_x,
+                                    chip_index_y) AS key,
+           ('x' || substr(md5('seed|' || %(seed)s::text), 1, 16))::bit(64)::bigint AS offs
+    FROM stacchip.chips
+)
+SELECT collection, item_id, chip_size, chip_index_x, chip_index_y FROM k
+ORDER BY key < offs, key LIMIT %(n)s
+"""
+_SAMPLE = (
+    "SELECT collection, item_id, chip_size, chip_index_x, chip_index_y "
+    "FROM stacchip.sample_chips(%(n)s, %(seed)s)"
+)
+_ROWS = (
+    "SELECT collection, item_id, chip_size, chip_index_x, chip_index_y, datetime, "
+    "cloud_fraction, nodata_fraction, ST_AsEWKB(geometry) FROM stacchip.chips "
+    "ORDER BY collection, item_id, chip_size, chip_index_x, chip_index_y"
+)
+
+
+def test_migration_0008_carries_chips_over_with_the_same_seeded_sample(
+    database_url: str,
+) -> None:
+    """0007 -> 0008 on a database holding chips of two collections: the same rows, one
+    partition per collection, the same seeded samples; and back."""
+    from stacchip_db.synthetic import fill_chips
+
+    _upgrade_to(database_url, "0007")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT relkind FROM pg_class WHERE oid = 'stacchip.chips'::regclass"
+        ).fetchone()[0] == "r"
+        fill_chips(conn, 3000, collection="sentinel-2-l2a")
+        fill_chips(conn, 2000, collection="naip", chip_size=512)
+        rows = conn.execute(_ROWS).fetchall()
+        samples = {seed: conn.execute(_SAMPLE_0007, {"n": 50, "seed": seed}).fetchall()
+                   for seed in (0, 7, 123456789)}
+    assert len(rows) == 5000
+    init_database(database_url)  # to head: 0008, then sql/ (which reads the stored key)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute(_ROWS).fetchall() == rows
+        for seed, sample in samples.items():
+            assert conn.execute(_SAMPLE, {"n": 50, "seed": seed}).fetchall() == sample
+        partitions = conn.execute(
+            "SELECT p.collection, c.relispartition, "
+            "(SELECT count(*) FROM stacchip.chips s WHERE s.tableoid = c.oid) "
+            "FROM stacchip.chip_partitions p JOIN pg_class c ON c.relname = p.partition "
+            "AND c.relnamespace = 'stacchip'::regnamespace ORDER BY 1"
+        ).fetchall()
+        mismatched = conn.execute(
+            "SELECT count(*) FROM stacchip.chips WHERE sample_key <> stacchip.chip_sample_key("
+            "collection, item_id, chip_size, chip_index_x, chip_index_y)"
+        ).fetchone()[0]
+    assert partitions == [("naip", True, 2000), ("sentinel-2-l2a", True, 3000)]
+    assert mismatched == 0
+    _upgrade_to(database_url, "0007")  # the downgrade carries them back too
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute(_ROWS).fetchall() == rows
+        assert conn.execute(_SAMPLE_0007, {"n": 50, "seed": 7}).fetchall() == samples[7]

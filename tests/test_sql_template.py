@@ -80,15 +80,17 @@ def test_shipped_files_expand_completely() -> None:
 
 
 def test_a_new_filter_is_one_line_and_its_condition(database_url: str) -> None:
-    """Adding a filter to the SQL: one line in the block, its condition in select_chips; every
-    selection function then takes it by name and passes it on."""
+    """Adding a filter to the SQL: one line in the block, its condition in matching_chips (the
+    filtering under select_chips and the samples); every selection function then takes it by
+    name and passes it on."""
     text = (resource_dir("sql") / SELECTION_SQL).read_text()
-    line = "    split_buffer float8 DEFAULT NULL\n"
+    line = "    min_fractions jsonb DEFAULT NULL\n"  # the block's last line
     where = "    FROM stacchip.chips AS c\n    WHERE "
     assert text.count(line) == 1 and text.count(where) == 1
-    text = text.replace(line, "    split_buffer float8 DEFAULT NULL,\n    max_x int DEFAULT NULL\n")
+    text = text.replace(line, "    min_fractions jsonb DEFAULT NULL,\n    max_x int DEFAULT NULL\n")
     text = text.replace(
-        where, f"{where}(select_chips.max_x IS NULL OR c.chip_index_x <= select_chips.max_x)\n AND "
+        where,
+        f"{where}(matching_chips.max_x IS NULL OR c.chip_index_x <= matching_chips.max_x)\n AND ",
     )
     with psycopg.connect(database_url, autocommit=True) as conn:
         fill_chips(conn, 3_000, collection="one")
@@ -108,4 +110,4 @@ def test_a_new_filter_is_one_line_and_its_condition(database_url: str) -> None:
             "SELECT count(*) FROM pg_proc WHERE pronamespace = 'stacchip'::regnamespace "
             "AND 'max_x' = ANY (proargnames)"
         ).fetchone()
-    assert everywhere == 4
+    assert everywhere == 5  # the four selection functions and matching_chips under them

@@ -23,7 +23,6 @@ from stacchip_db.db.bulk import (
     bulk_copy_data,
     bulk_load,
     chips_table_is_empty,
-    table_definitions,
 )
 from stacchip_db.db.items import ItemError, prepare_item
 from stacchip_db.db.store import (
@@ -38,7 +37,7 @@ from stacchip_db.db.writer import ItemWriter
 from stacchip_db.errors import DatabaseError
 from stacchip_db.index import index_item, item_datetime
 from stacchip_db.synthetic import synthesize_item
-from tests.conftest import error_line, run_cli
+from tests.conftest import run_cli
 
 S2 = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 LANDSAT = "landsat-c2l2-sr-LC09_L2SR_086107_20240311_20240312_02_T2_SR.json"
@@ -434,6 +433,9 @@ ORDER BY 1, 2
 """
 
 
+_PARTITIONS = "SELECT collection, partition::text FROM stacchip.chip_partitions ORDER BY 1"
+
+
 def _snapshot(url: str, query: str) -> list[tuple]:
     with connect(url) as conn:
         return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
@@ -485,36 +487,53 @@ def test_bulk_load_recreates_every_index_and_constraint_exactly(
     pairs = _naip_pairs(fixtures_dir, 6)
     with connect(database_url) as conn:
         store_items(conn, pairs[:3], chip_size=1024)
-        # What later migrations might add: a partial unique index, a unique constraint, an
-        # exclusion constraint, comments, CLUSTER ON.
+        # What later migrations might add to the partitioned table (a unique key must hold
+        # the partition key, collection): a partial unique index, a unique constraint,
+        # comments. The partition the bulk load builds apart must carry each of them.
         conn.execute("CREATE UNIQUE INDEX chips_cloudy_idx ON stacchip.chips (item_id, "
-                     "chip_index_x, chip_index_y, chip_size) WHERE cloud_fraction > 0.5")
+                     "chip_index_x, chip_index_y, chip_size, collection) "
+                     "WHERE cloud_fraction > 0.5")
         conn.execute("ALTER TABLE stacchip.chips ADD CONSTRAINT chips_key_unique UNIQUE "
                      "(item_id, collection, chip_size, chip_index_y, chip_index_x)")
-        conn.execute("ALTER TABLE stacchip.chips ADD CONSTRAINT chips_no_overlap_exclusion "
-                     "EXCLUDE USING gist (item_id WITH =, chip_size WITH =, chip_index_x WITH =, "
-                     "chip_index_y WITH =, collection WITH =) DEFERRABLE INITIALLY DEFERRED")
         conn.execute("COMMENT ON INDEX stacchip.chips_datetime_idx IS 'by date'")
         conn.execute("COMMENT ON CONSTRAINT chips_pkey ON stacchip.chips IS 'the key'")
-        conn.execute("ALTER TABLE stacchip.chips CLUSTER ON chips_geometry_datetime_idx")
         conn.commit()
-        definitions = table_definitions(conn)
-        conn.rollback()
-    names = {name for name, _ in definitions.indexes} | {n for n, _ in definitions.constraints}
+    names = {row[0] for row in _snapshot(database_url, "SELECT indexname FROM pg_indexes "
+                                         "WHERE schemaname = 'stacchip' AND tablename = 'chips'")}
     assert {"chips_pkey", "chips_geometry_datetime_idx", "chips_sample_key_idx", "chips_cloudy_idx",
-            "chips_key_unique", "chips_no_overlap_exclusion"} <= names
+            "chips_key_unique"} <= names
     before = _snapshot(database_url, _DEFINITIONS)
     assert any("by date" in str(row) for row in before)
+    partition_before = _snapshot(database_url, _PARTITIONS)
     with connect(database_url) as conn:
         result = bulk_load(conn, pairs[2:], chip_size=1024)
     assert result.items == 4
     assert _snapshot(database_url, _DEFINITIONS) == before
+    partitions = _snapshot(database_url, _PARTITIONS)
+    assert len(partitions) == 1 and partitions != partition_before  # the partition swapped
     with connect(database_url) as conn:
         comment = conn.execute(
             "SELECT obj_description(oid, 'pg_constraint') FROM pg_constraint "
             "WHERE conname = 'chips_pkey'"
         ).fetchone()[0]
+        # every index of the parent has its (valid) index in the new partition
+        unattached = conn.execute(
+            """
+            SELECT p.indexrelid::regclass::text FROM pg_index p
+            WHERE p.indrelid = 'stacchip.chips'::regclass AND NOT EXISTS (
+                SELECT 1 FROM pg_inherits h JOIN pg_index c ON c.indexrelid = h.inhrelid
+                WHERE h.inhparent = p.indexrelid AND c.indrelid = %s::regclass
+                  AND c.indisvalid)
+            """,
+            (f"stacchip.{partitions[0][1]}",),
+        ).fetchall()
+        checks = conn.execute(  # the CHECK that let ATTACH skip its scan is gone
+            "SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'c' "
+            "AND NOT conislocal", (f"stacchip.{partitions[0][1]}",)
+        ).fetchall()
     assert comment == "the key"
+    assert unattached == []
+    assert len(checks) == 4  # the four of the contract, inherited
     expected = sum(chips.num_rows for _, chips in pairs)
     assert _counts(database_url) == (expected, expected, 6)
 
@@ -637,24 +656,20 @@ def test_copy_encoder_refuses_a_layout_it_cannot_build() -> None:
     assert b"".join(parts)[19:-2] == expected  # between the header and the trailer
 
 
-def _slow_inserts(url: str) -> None:
-    """Slow the bulk load's COPY down (a statement trigger that sleeps `test.sleep` seconds,
-    on request only), so that other sessions surely arrive while the table is locked."""
-    with connect(url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE FUNCTION public.test_sleep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "PERFORM pg_sleep(coalesce(nullif(current_setting('test.sleep', true), ''), '0')"
-            "::float); RETURN NULL; END $$"
-        )
-        conn.execute("CREATE TRIGGER test_sleep BEFORE INSERT ON stacchip.chips "
-                     "FOR EACH STATEMENT EXECUTE FUNCTION public.test_sleep()")
+def _hold_attach(url: str) -> Any:
+    """A session holding stacchip.chips' SHARE UPDATE EXCLUSIVE lock (what ATTACH PARTITION
+    takes) until it commits: a bulk load then waits with its partition built, not attached.
+    Readers and writers (ACCESS SHARE, ROW EXCLUSIVE) do not conflict with it."""
+    blocker = connect(url)
+    blocker.execute("LOCK TABLE stacchip.chips IN SHARE UPDATE EXCLUSIVE MODE")
+    return blocker
 
 
-def _holds_exclusive_lock(url: str, pid: int) -> bool:
+def _waits_for_lock(url: str, pid: int) -> bool:
     with connect(url, autocommit=True) as conn:
         return conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE pid = %s AND granted AND "
-            "relation = 'stacchip.chips'::regclass AND mode = 'AccessExclusiveLock'", (pid,)
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+            (pid,),
         ).fetchone()[0] > 0
 
 
@@ -663,7 +678,6 @@ def test_a_normal_writer_waits_for_the_bulk_load_then_succeeds(
     database_url: str, fixtures_dir: Path
 ) -> None:
     pairs = _naip_pairs(fixtures_dir, 6)
-    _slow_inserts(database_url)
     outcome: dict[str, Any] = {}
 
     def run(name: str, work: Any) -> None:
@@ -673,44 +687,30 @@ def test_a_normal_writer_waits_for_the_bulk_load_then_succeeds(
             outcome[name] = e
         outcome[name + " done"] = time.monotonic()
 
+    blocker = _hold_attach(database_url)
     bulk_conn = connect(database_url)
-    bulk_conn.execute("SET test.sleep = '2'")
-    bulk_conn.commit()
     bulk_pid = bulk_conn.info.backend_pid
     bulk = threading.Thread(
         target=run, args=("bulk", lambda: bulk_load(bulk_conn, pairs[:5], chip_size=1024))
     )
     bulk.start()
-    with connect(database_url, autocommit=True) as watcher:
-        def locks(pid: int, granted: bool) -> bool:
-            return watcher.execute(
-                "SELECT count(*) FROM pg_locks WHERE pid = %s AND granted = %s AND "
-                "relation = 'stacchip.chips'::regclass AND mode = 'AccessExclusiveLock'",
-                (pid, granted),
-            ).fetchone()[0] > 0
-
-        def waits(pid: int) -> bool:
-            return watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = "
-                "'Lock'", (pid,)
-            ).fetchone()[0] > 0
-
-        deadline = time.monotonic() + 60
-        while not locks(bulk_pid, True):
-            assert time.monotonic() < deadline and bulk.is_alive(), outcome
-            time.sleep(0.02)
-        writer_conn = connect(database_url)
-        writer_pid = writer_conn.info.backend_pid
-        item, chips = pairs[5]
-        writer = threading.Thread(
-            target=run, args=("writer", lambda: store_item(writer_conn, item, chips,
-                                                          chip_size=1024))
-        )
-        writer.start()
-        while not waits(writer_pid):  # queued behind the bulk load's locks
-            assert time.monotonic() < deadline and writer.is_alive(), outcome
-            time.sleep(0.02)
-        assert bulk.is_alive()
+    deadline = time.monotonic() + 60
+    while not _waits_for_lock(database_url, bulk_pid):  # built, waiting to attach
+        assert time.monotonic() < deadline and bulk.is_alive(), outcome
+        time.sleep(0.02)
+    writer_conn = connect(database_url)
+    writer_pid = writer_conn.info.backend_pid
+    item, chips = pairs[5]
+    writer = threading.Thread(
+        target=run, args=("writer", lambda: store_item(writer_conn, item, chips, chip_size=1024))
+    )
+    writer.start()
+    while not _waits_for_lock(database_url, writer_pid):  # the collection's lock: the bulk's
+        assert time.monotonic() < deadline and writer.is_alive(), outcome
+        time.sleep(0.02)
+    assert bulk.is_alive()
+    blocker.commit()
+    blocker.close()
     bulk.join(60)
     writer.join(60)
     bulk_conn.close()
@@ -741,42 +741,60 @@ def _bulk_in_thread(
 
 
 @pytest.mark.timeout(120)
-def test_readers_give_up_at_once_behind_a_bulk_load_naming_it(
-    database_url: str, fixtures_dir: Path, tmp_path: Path
+def test_other_collections_are_read_and_written_during_a_bulk_load(
+    database_url: str, fixtures_dir: Path
 ) -> None:
-    pairs = _naip_pairs(fixtures_dir, 3)
-    _slow_inserts(database_url)
+    """A bulk load of collection B builds B's partition apart: readers (CLI list, seeded
+    sample) and writers of collection A go on meanwhile, and see no row of B until it
+    commits."""
+    pairs = _naip_pairs(fixtures_dir, 6)
+    other = [({**item, "collection": "naip-a"}, chips) for item, chips in pairs[3:]]
+    with connect(database_url) as conn:
+        store_items(conn, other, chip_size=1024)
+    a_chips = sum(chips.num_rows for _, chips in other)
+    blocker = _hold_attach(database_url)
     bulk_conn = connect(database_url)
-    bulk_conn.execute("SET test.sleep = '30'")
-    bulk_conn.commit()
     bulk_pid = bulk_conn.info.backend_pid
     outcome: dict[str, Any] = {}
-    bulk = _bulk_in_thread(bulk_conn, pairs, outcome)
+    bulk = _bulk_in_thread(bulk_conn, pairs[:3], outcome)
     try:
         deadline = time.monotonic() + 60
-        while not _holds_exclusive_lock(database_url, bulk_pid):
+        while not _waits_for_lock(database_url, bulk_pid):  # B built, waiting to attach
             assert time.monotonic() < deadline and bulk.is_alive(), outcome
             time.sleep(0.02)
         started = time.monotonic()
-        listed = run_cli(["chips", "--format", "csv"], database_url=database_url)
-        exported = run_cli(["prechip", "--query", "SELECT * FROM stacchip.chips", "--out",
-                            str(tmp_path / "cubes")], database_url=database_url)
-        waited = time.monotonic() - started
+        listed = run_cli(["chips", "--format", "csv", "--collection", "naip-a"],
+                         database_url=database_url)
+        everything = run_cli(["chips", "--format", "csv"], database_url=database_url)
+        sampled = run_cli(["sample", "-n", "5", "--seed", "3", "--format", "csv"],
+                          database_url=database_url)
         with connect(database_url) as conn:
-            empty = chips_table_is_empty(conn)
-        assert bulk.is_alive()  # all of that while the bulk load held the table
+            # A writer of A (an item pgstac already has a partition for: pgstac's own
+            # partition DDL, for a new time range, would wait for the load's pgstac upsert).
+            item, chips = other[0]
+            cloudy = chips.set_column(
+                2, "cloud_fraction", pa.array(np.full(chips.num_rows, 0.5, np.float32))
+            )
+            stored = store_items(conn, [(item, cloudy)], chip_size=1024)
+            b_empty = chips_table_is_empty(conn, ["naip"])
+        waited = time.monotonic() - started
+        assert bulk.is_alive()  # all of that while the bulk load of B was under way
     finally:
-        with connect(database_url, autocommit=True) as admin:  # end the sleep: no 30 s wait
-            admin.execute("SELECT pg_cancel_backend(%s)", (bulk_pid,))
+        blocker.commit()
+        blocker.close()
         bulk.join(60)
         bulk_conn.close()
-    for result, what in ((listed, "selecting chips"), (exported, "reading the selected chips")):
-        line = error_line(result)
-        assert line.startswith(f"Error: {what}: stacchip.chips is locked by a bulk load "
-                               f"(index --bulk, pid {bulk_pid}"), line
-        assert line.endswith("try again when it ends"), line
-    assert waited < 20  # two lock timeouts of 2 s and two process starts, not the load's 30 s
-    assert empty is False  # a table being bulk-loaded is not empty: index takes the normal path
+    for result in (listed, everything, sampled):
+        assert result.exit_code == 0, result.output
+    assert len(listed.stdout.splitlines()) == 1 + a_chips
+    assert len(everything.stdout.splitlines()) == 1 + a_chips  # no row of B yet
+    assert {line.split(",")[1] for line in sampled.stdout.splitlines()[1:]} == {"naip-a"}
+    assert stored.items == 1
+    assert b_empty  # B's rows are not there until the load commits
+    assert waited < 30
+    assert outcome["bulk"].items == 3, outcome
+    expected = sum(chips.num_rows for _, chips in [*pairs[:3], *other])
+    assert _counts(database_url) == (expected, expected, 6)
 
 
 @pytest.mark.timeout(120)

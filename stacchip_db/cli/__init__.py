@@ -34,6 +34,7 @@ LAZY_COMMANDS = {
     "preview": "stacchip_db.cli.pictures:preview",
     "map": "stacchip_db.cli.pictures:map_",
     "ingest": "stacchip_db.cli.ingest:ingest",
+    "layer": "stacchip_db.cli.layer:layer",
 }
 """The root group's commands: name -> `module:attribute`, imported on first use."""
 
@@ -59,6 +60,13 @@ PARAMETER_FLAGS = {
     "`time_series`": "--time-series",
     "`pick`": "--pick",
     "`stratify_by`": "--stratify-by",
+    "`name`": "NAME",
+    "`source`": "SOURCE",
+    "`columns`": "--column",
+    "`classes`": "--classes",
+    "`within`": "--within",
+    "`min_fractions`": "--class",
+    "`quotas`": "--quota",
 }
 """Library messages name the Python parameter in backticks; the CLI names its flag (or
 argument) instead."""

@@ -67,6 +67,10 @@ def _run(
         raise click.BadParameter("parquet is binary: give --output FILE", param_hint="--format")
     with db.connect() as conn, translate_errors("selecting chips"):
         conn.read_only = True
+        # The layer sampler says in NOTICEs which quota a stratum could not fill.
+        conn.add_notice_handler(
+            lambda notice: click.echo(f"Warning: {notice.message_primary}", err=True)
+        )
         # streamed: one batch of rows is in memory at a time, whatever the selection's size
         count = write_chips(stream_chips(conn, selection), output_format, output)
         if count == 0:

@@ -83,10 +83,12 @@ def _expand(
 @click.option(
     "--bulk/--no-bulk", default=None,
     help="Bulk load: index every item first, then load all chips in ONE transaction that "
-    "drops and rebuilds stacchip.chips' indexes (much faster for large loads). The table is "
-    "locked exclusively (ACCESS EXCLUSIVE) for that transaction: other readers and writers of "
-    "stacchip.chips wait until it commits. All or nothing. Default: bulk when stacchip.chips "
-    "is empty at the start, else batched transactions (--no-bulk forces those).",
+    "builds each collection's partition of stacchip.chips apart and attaches it (much faster "
+    "for large loads; other collections are neither rebuilt nor locked). Writers of those "
+    "collections wait until it commits; a collection that already has chips is rebuilt and "
+    "swapped in under a short ACCESS EXCLUSIVE lock at the end. All or nothing. Default: bulk "
+    "when stacchip.chips is empty at the start or the first item's collection has no chips yet, "
+    "else batched transactions (--no-bulk forces those).",
 )
 @sign_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
@@ -119,8 +121,8 @@ def index(
     Bad items are reported with their id and skipped; the exit code is then 1.
 
     Into an empty stacchip.chips (or with --bulk) all items are indexed first, then loaded in
-    one transaction that locks stacchip.chips exclusively and rebuilds its indexes once: bad
-    items are still reported and skipped, but the load itself is all or nothing.
+    one transaction that builds each collection's partition apart and attaches it: bad items
+    are still reported and skipped, but the load itself is all or nothing.
     """
     from stacchip_db.grid import MAX_CHIPS
     from stacchip_db.indexing import IndexPlan, index_items
@@ -130,8 +132,8 @@ def index(
         def on_plan(plan: IndexPlan) -> None:
             if plan.automatic and plan.bulk and not cli.quiet:
                 click.echo(
-                    "stacchip.chips is empty: bulk load (indexes rebuilt once; the table is "
-                    "locked until the load commits; --no-bulk to avoid)",
+                    f"{plan.why}: bulk load (partitions built apart, indexes "
+                    "built once; all or nothing; --no-bulk to avoid)",
                     err=True,
                 )
             progress.start(plan.items)

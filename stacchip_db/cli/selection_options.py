@@ -32,6 +32,7 @@ from shapely.geometry import shape
 from stacchip_db.selection import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CELL_SIZE,
+    LAYER_STRATUM,
     SPLITS,
     STRATA,
     ChipFilter,
@@ -39,6 +40,7 @@ from stacchip_db.selection import (
     SelectionError,
     SelectionQuery,
     check_bbox,
+    check_layer_name,
     check_split_fractions,
     explain_empty,
 )
@@ -135,6 +137,68 @@ def parse_split_fractions(text: str) -> tuple[float, float, float]:
     return check_split_fractions(values)
 
 
+def parse_within(text: str) -> tuple[str, ...]:
+    """`NAME` or `NAME:COLUMN=VALUE` -> (name,) or (name, column, value)."""
+    name, colon, match = text.partition(":")
+    if not colon:
+        return (_layer_name(name.strip()),)
+    column, equals, value = match.partition("=")
+    if not equals or not column.strip():
+        raise SelectionError(f"{text!r} is not NAME or NAME:COLUMN=VALUE (countries:iso=FR)")
+    return _layer_name(name.strip()), column.strip(), value
+
+
+def parse_class_fraction(text: str) -> tuple[str, str, float]:
+    """`NAME:CLASS>=FRACTION` -> (layer, class, fraction)."""
+    name, colon, condition = text.partition(":")
+    class_name, at_least, number = condition.partition(">=")
+    try:
+        fraction = float(number)
+    except ValueError:
+        fraction = None
+    if not colon or not at_least or not class_name.strip() or fraction is None:
+        raise SelectionError(
+            f"{text!r} is not NAME:CLASS>=FRACTION (worldcover:tree>=0.3)"
+        )
+    if not 0.0 <= fraction <= 1.0:
+        raise SelectionError(f"{text!r}: {fraction!r} is not a fraction between 0 and 1")
+    return _layer_name(name.strip()), class_name.strip(), fraction
+
+
+def parse_quotas(text: str) -> tuple[tuple[str, float], ...]:
+    """`tree=0.3,crop=0.2` -> (("tree", 0.3), ("crop", 0.2))."""
+    quotas = []
+    for part in text.split(","):
+        stratum, equals, number = part.strip().partition("=")
+        try:
+            share = float(number)
+        except ValueError:
+            share = None
+        if not equals or not stratum.strip() or share is None:
+            raise SelectionError(f"{part.strip()!r} is not CLASS=SHARE (tree=0.3,crop=0.2)")
+        quotas.append((stratum.strip(), share))
+    return tuple(quotas)
+
+
+def parse_stratify_by(text: str) -> str:
+    """One of `STRATA`, or `layer:NAME`."""
+    if text in STRATA:
+        return text
+    if text.startswith(LAYER_STRATUM):
+        return LAYER_STRATUM + _layer_name(text.removeprefix(LAYER_STRATUM))
+    raise SelectionError(f"{text!r} is not one of {', '.join(STRATA)}, layer:NAME")
+
+
+def _layer_name(name: str) -> str:
+    try:
+        return check_layer_name(name, "layer")
+    except SelectionError:
+        raise SelectionError(
+            f"{name!r} is not a layer name (lower-case letters, digits, _; see stacchip-db "
+            "layer list)"
+        ) from None
+
+
 def read_geometry(path: str | Path) -> str:
     """The union of the geometries in a file, as WKT in EPSG:4326.
 
@@ -195,6 +259,18 @@ def _parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Param
             return parse(value)
         except SelectionError as exc:
             raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+
+    return callback
+
+
+def _parsed_each(
+    parse: Callable[[str], Any],
+) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """`_parsed` for a repeatable option: each value parsed, a tuple of the results."""
+    one = _parsed(parse)
+
+    def callback(ctx: click.Context, param: click.Parameter, values: Any) -> Any:
+        return tuple(one(ctx, param, value) for value in values or ())
 
     return callback
 
@@ -327,6 +403,17 @@ def _filter_decorators() -> list[Callable[[Callable[..., Any]], Callable[..., An
             help="Leave out chips whose footprint, grown by DEG, crosses a block edge "
             "(0 = chips straddling an edge), so no footprint reaches a block of another split.",
         ),
+        click.option(
+            "--within", metavar="NAME[:COLUMN=VALUE]", callback=_parsed(parse_within),
+            help="Only chips intersecting the features of vector layer NAME (those whose COLUMN "
+            "is VALUE); see `stacchip-db layer`.",
+        ),
+        click.option(
+            "--class", "min_fractions", multiple=True, metavar="NAME:CLASS>=FRACTION",
+            callback=_parsed_each(parse_class_fraction),
+            help="Only chips with at least FRACTION of CLASS in raster layer NAME (repeat: all "
+            "must hold).",
+        ),
     ]
 
 
@@ -341,8 +428,16 @@ def _sample_decorators(required: bool) -> list[Callable[[Callable[..., Any]], Ca
             show_default=True, help="Seed of the sample: same seed and data, same chips.",
         ),
         click.option(
-            "--stratify-by", type=click.Choice(STRATA),
-            help="Equal counts per collection, year, quarter or cell (capped by what each has).",
+            "--stratify-by", metavar="|".join([*STRATA, "layer:NAME"]),
+            callback=_parsed(parse_stratify_by),
+            help="Equal counts per collection, year, quarter, cell, or class of layer NAME (a "
+            "raster's dominant class; a vector layer's stratum column at the chip's centre), "
+            "capped by what each has.",
+        ),
+        click.option(
+            "--quota", "quotas", metavar="CLASS=SHARE,…", callback=_parsed(parse_quotas),
+            help="With --stratify-by layer:NAME: exactly round(SHARE*N) chips of each CLASS "
+            "(all it has when fewer), the rest of N from the other classes.",
         ),
         click.option(
             "--cell-size", type=float, default=DEFAULT_CELL_SIZE, show_default=True,
@@ -381,21 +476,28 @@ def sample_options(*, required: bool = False) -> Callable[[Callable[..., Any]], 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             n, seed = kwargs.pop("sample_n"), kwargs.pop("seed")
             stratify_by, cell_size = kwargs.pop("stratify_by"), kwargs.pop("cell_size")
+            quotas = kwargs.pop("quotas") or ()
             by_location = kwargs.pop("by_location")
             if n is None:
                 if stratify_by is not None:
                     raise _fail("--stratify-by needs a sample size -n N", "--stratify-by")
+                if quotas:
+                    raise _fail("--quota needs a sample size -n N", "--quota")
                 if by_location:
                     raise _fail("--by-location needs a sample size -n N", "--by-location")
                 return func(*args, sampling=None, **kwargs)
+            if quotas and not (stratify_by or "").startswith(LAYER_STRATUM):
+                raise _fail("--quota needs --stratify-by layer:NAME", "--quota")
             try:
                 sampling = Sampling(
-                    n=n, seed=seed, stratify_by=stratify_by, cell_size=cell_size,
+                    n=n, seed=seed, stratify_by=stratify_by, cell_size=cell_size, quotas=quotas,
                     by_location=by_location,
                 )  # fmt: skip
             except SelectionError as exc:
-                raise _fail(str(exc).replace("`stratify_by`", "--stratify-by"),
-                            "--stratify-by") from exc  # fmt: skip
+                if "`stratify_by`" in str(exc):
+                    raise _fail(str(exc).replace("`stratify_by`", "--stratify-by"),
+                                "--stratify-by") from exc  # fmt: skip
+                raise _fail(str(exc).replace("`quotas`", "--quota"), "--quota") from exc
             return func(*args, sampling=sampling, **kwargs)
 
         return _apply(wrapper, _sample_decorators(required))

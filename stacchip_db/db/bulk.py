@@ -1,11 +1,18 @@
-"""The bulk load: many items into an empty (or nearly empty) `stacchip.chips` at once.
+"""The bulk load: a collection's chips built apart, then attached as its partition.
 
-Maintaining the table's indexes row by row costs several times more than building them once
-after the rows are in, so `bulk_load` (the `index --bulk` path) writes everything in one
-transaction that holds the table exclusively, drops its indexes and key constraints (read from
-the catalog: `TableDefinitions`), COPYs all rows (`db/copy.py`) and recreates them. The
-collections and partitions, the item locks and the pgstac upsert are the store protocol's
-(`db/store.py`). `chips_table_is_empty` is how `index` chooses this path by itself.
+`stacchip.chips` is partitioned by collection (alembic 0008). Maintaining indexes row by row
+costs several times more than building them once after the rows are in, and it grows with
+what is already stored; so `bulk_load` (the `index --bulk` path) builds each collection's
+partition as a table of its own: rows by one binary COPY (`db/copy.py`) in primary-key order,
+then the indexes of `stacchip.chips` (`stacchip.create_chip_partition_indexes`, alembic
+0008: read from the catalog, so later indexes come too), then
+`ATTACH PARTITION`, all in one transaction. The other collections' partitions are neither
+rebuilt nor locked: ATTACH takes the parent's SHARE UPDATE EXCLUSIVE lock, which readers and
+writers do not wait for. Only a collection that already has a partition (forced `--bulk`)
+costs a short exclusive lock of `stacchip.chips` at the end, to swap its old partition for the
+new one. The collections and pgstac partitions, the item locks and the pgstac upsert are the
+store protocol's (`db/store.py`). `chips_table_is_empty` is how `index` chooses this path by
+itself.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from typing import Any
 
 import psycopg
 import pyarrow as pa
+from psycopg import sql
 
 from stacchip_db.db.copy import copy_chip_rows
-from stacchip_db.db.items import PreparedItem, StoreError, prepare_item, with_locations
+from stacchip_db.db.items import PreparedItem, prepare_item, with_locations
 from stacchip_db.db.locks import (
     BULK_APPLICATION,
     CHIPS_TABLE,
@@ -34,6 +42,7 @@ from stacchip_db.db.store import (
     StoreResult,
     check_idle,
     ensure_collections_and_partitions,
+    lock_collections,
     lock_items,
     storing,
     upsert_items,
@@ -44,9 +53,13 @@ log = logging.getLogger(__name__)
 BULK_MAINTENANCE_WORK_MEM = "1GB"
 """`maintenance_work_mem` of the bulk load's transaction (index builds sort in memory)."""
 BULK_LOCK_ATTEMPT_S = 1.0
-"""How long one attempt of the bulk load to lock stacchip.chips waits (see `_lock_exclusively`)."""
+"""How long one attempt of the bulk load to lock stacchip.chips waits (see `_lock_exclusively`;
+only to swap a collection's existing partition)."""
 BULK_LOCK_PAUSE_S = 0.2
 """The pause between two such attempts, in which the sessions queued behind it go on."""
+
+SCHEMA = CHIPS_TABLE.split(".")[0]
+_PARENT = sql.SQL(CHIPS_TABLE)  # a constant of ours, not input
 
 _BULK_COLUMNS = (
     "collection", "item_id", "chip_size", "chip_index_x", "chip_index_y", "datetime",
@@ -60,110 +73,6 @@ def bulk_columns(prepared: Sequence[PreparedItem]) -> tuple[str, ...]:
     if all("location" in p.chips.column_names for p in prepared):
         return _BULK_COLUMNS
     return tuple(c for c in _BULK_COLUMNS if c != "location")
-
-
-@dataclass(frozen=True)
-class TableDefinitions:
-    """What `bulk_load` drops from a table and recreates: read from the catalog, so it stays
-    right whatever indexes later migrations add.
-
-    `constraints` are `(name, pg_get_constraintdef)` of the constraints that own an index
-    (primary key, unique, exclusion); `indexes` are the other indexes' `pg_get_indexdef`
-    (`pg_indexes.indexdef`); `after` re-applies what dropping loses besides the definitions
-    (CLUSTER ON, REPLICA IDENTITY USING INDEX, comments).
-    """
-
-    table: str
-    constraints: list[tuple[str, str]]
-    indexes: list[tuple[str, str]]
-    after: list[str]
-
-    def drop_statements(self) -> list[str]:
-        schema = self.table.split(".")[0]
-        return [
-            *(
-                f"ALTER TABLE {self.table} DROP CONSTRAINT {_ident(name)}"
-                for name, _ in self.constraints
-            ),
-            *(f"DROP INDEX {schema}.{_ident(name)}" for name, _ in self.indexes),
-        ]
-
-    def create_statements(self) -> list[str]:
-        return [
-            *(
-                f"ALTER TABLE {self.table} ADD CONSTRAINT {_ident(name)} {definition}"
-                for name, definition in self.constraints
-            ),
-            *(definition for _, definition in self.indexes),
-            *self.after,
-        ]
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def table_definitions(conn: psycopg.Connection, table: str = CHIPS_TABLE) -> TableDefinitions:
-    """The index and key definitions of `table` (schema-qualified), from the catalog."""
-    schema = table.split(".")[0]
-    referenced = conn.execute(
-        "SELECT conname, conrelid::regclass::text FROM pg_constraint "
-        "WHERE confrelid = %s::regclass AND contype = 'f'",
-        (table,),
-    ).fetchall()
-    if referenced:
-        name, other = referenced[0]
-        raise StoreError(
-            f"{table} is referenced by foreign key {name} of {other}; the bulk load cannot drop "
-            "its key: store without `bulk`"
-        )
-    constraints = conn.execute(
-        """
-        SELECT c.conname, pg_get_constraintdef(c.oid), i.relname,
-               obj_description(c.oid, 'pg_constraint')
-        FROM pg_constraint c JOIN pg_class i ON i.oid = c.conindid
-        WHERE c.conrelid = %s::regclass AND c.contype IN ('p', 'u', 'x')
-        ORDER BY c.conname
-        """,
-        (table,),
-    ).fetchall()
-    indexes = conn.execute(
-        """
-        SELECT i.relname, pg_get_indexdef(i.oid), x.indisclustered, x.indisreplident,
-               obj_description(i.oid, 'pg_class'),
-               EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.oid
-                       AND c.conrelid = x.indrelid AND c.contype IN ('p', 'u', 'x'))
-        FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
-        WHERE x.indrelid = %s::regclass
-        ORDER BY i.relname
-        """,
-        (table,),
-    ).fetchall()
-    after: list[str] = []
-    for conname, _, index_name, comment in constraints:
-        if index_name != conname:  # ADD CONSTRAINT names its index after the constraint
-            after.append(f"ALTER INDEX {schema}.{_ident(conname)} RENAME TO {_ident(index_name)}")
-        if comment is not None:
-            after.append(
-                f"COMMENT ON CONSTRAINT {_ident(conname)} ON {table} IS {_literal(comment)}"
-            )
-    for name, _, clustered, replident, comment, _ in indexes:
-        if clustered:
-            after.append(f"ALTER TABLE {table} CLUSTER ON {_ident(name)}")
-        if replident:
-            after.append(f"ALTER TABLE {table} REPLICA IDENTITY USING INDEX {_ident(name)}")
-        if comment is not None:
-            after.append(f"COMMENT ON INDEX {schema}.{_ident(name)} IS {_literal(comment)}")
-    return TableDefinitions(
-        table=table,
-        constraints=[(name, definition) for name, definition, _, _ in constraints],
-        indexes=[(row[0], row[1]) for row in indexes if not row[5]],
-        after=after,
-    )
 
 
 def bulk_copy_data(prepared: Sequence[PreparedItem], chip_size: int) -> tuple[bytes, int]:
@@ -213,23 +122,26 @@ def bulk_load(
     batch_items: int = BATCH_ITEMS,
     maintenance_work_mem: str = BULK_MAINTENANCE_WORK_MEM,
 ) -> StoreResult:
-    """Store many items and their chips by rebuilding `stacchip.chips`' indexes once.
+    """Store many items and their chips, each collection's partition built apart and attached.
 
-    For large loads (an empty table, or many items at once): maintaining the indexes row by row
-    costs several times more than building them after the rows are in. In ONE transaction:
+    For large loads (a new collection, or many items at once): building indexes once costs
+    several times less than maintaining them row by row. In ONE transaction:
 
-    1. the items' advisory locks (as `store_items`), pgstac `upsert_items` in batches;
-    2. `LOCK TABLE stacchip.chips IN ACCESS EXCLUSIVE MODE`, asked for in short attempts so
-       that the request never holds up other sessions while it waits (`_lock_exclusively`);
-       until the commit, normal writers of stacchip.chips wait (then go on as usual) and
-       readers give up after `locks.READ_LOCK_TIMEOUT_S`, naming the bulk load (its
-       transaction's `application_name` is `locks.BULK_APPLICATION`);
-    3. the existing chip rows of the items at `chip_size` are deleted (one DELETE through a
-       temp table of keys, while the indexes still exist);
-    4. the table's indexes and its key/unique/exclusion constraints are read from the catalog
-       (`TableDefinitions`) and dropped; all chip rows go in by one binary COPY; the indexes
-       and constraints are recreated from their definitions (`maintenance_work_mem` raised
-       for the transaction), then commit.
+    1. the collections' advisory locks, exclusive (their writers wait until the commit, then
+       go on as usual), the items' advisory locks (as `store_items`), pgstac `upsert_items` in
+       batches;
+    2. per collection, a new table like `stacchip.chips` (its name from the partition
+       registry, `stacchip.chip_partitions`) holding: the rows the collection's current
+       partition keeps, if it has one (SHARE locked: read on, written by nobody), then all
+       given chip rows by one binary COPY in primary-key order; then the primary key and
+       every index of `stacchip.chips` (`stacchip.create_chip_partition_indexes`,
+       `maintenance_work_mem` raised for the transaction) and a CHECK of its collection, so
+       that ATTACH need not scan it;
+    3. `ATTACH PARTITION` of each new table (the parent's SHARE UPDATE EXCLUSIVE lock: readers
+       and writers of every collection go on). A collection that had a partition first
+       detaches and drops it, under a short ACCESS EXCLUSIVE lock of `stacchip.chips`, asked
+       for in short attempts (`_lock_exclusively`) by a transaction whose `application_name`
+       is `locks.BULK_APPLICATION`, so that readers who give up waiting can name it. Commit.
 
     All or nothing: any error rolls everything back (nothing is stored). Items given more than
     once: the last one wins (`result.duplicates`). Bad items raise `ItemError` before the
@@ -247,7 +159,7 @@ def bulk_load(
     with storing(what, on_conflict):
         clock = time.perf_counter()
         result.collections_created = ensure_collections_and_partitions(
-            conn, prepared, strict=strict
+            conn, prepared, strict=strict, chip_partitions=False
         )
         timings["partitions"] = time.perf_counter() - clock
         with conn.transaction():
@@ -257,6 +169,9 @@ def bulk_load(
                 "current_setting('maintenance_work_mem')) < pg_size_bytes(%s)",
                 (maintenance_work_mem, maintenance_work_mem),
             )
+            # for this transaction only: readers that give up waiting name the bulk load
+            conn.execute("SELECT set_config('application_name', %s, true)", (BULK_APPLICATION,))
+            lock_collections(conn, (p.collection for p in prepared), exclusive=True)
             lock_items(conn, prepared)
             prepared = upsert_items(
                 conn, prepared, chip_size, on_conflict, result, batch_items=batch_items
@@ -265,38 +180,151 @@ def bulk_load(
             if not prepared:
                 return result
             prepared = with_locations(prepared, chip_size)
-            parts, rows = _bulk_copy_parts(prepared, chip_size)
+            existing = dict(
+                conn.execute(
+                    "SELECT collection, partition FROM stacchip.chip_partitions "
+                    "WHERE collection = ANY(%s)",
+                    (sorted({p.collection for p in prepared}),),
+                ).fetchall()
+            )
+            if existing:
+                _replaced_items(conn, prepared)
+            by_collection: dict[str, list[PreparedItem]] = {}
+            for p in prepared:
+                by_collection.setdefault(p.collection, []).append(p)
+            built = [
+                _build_partition(
+                    conn, collection, existing.get(collection), items, chip_size,
+                    timings,
+                )
+                for collection, items in sorted(by_collection.items())
+            ]
             clock = time.perf_counter()
-            # for this transaction only: readers that give up waiting name the bulk load
-            conn.execute("SELECT set_config('application_name', %s, true)", (BULK_APPLICATION,))
-            _lock_exclusively(conn, CHIPS_TABLE)
+            if any(b.old is not None for b in built):
+                _lock_exclusively(conn, CHIPS_TABLE)
             timings["lock"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            _delete_items(conn, prepared, chip_size)
-            timings["delete"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            definitions = table_definitions(conn)
-            for statement in definitions.drop_statements():
-                conn.execute(statement)
-            columns = ", ".join(_BULK_COLUMNS)
-            with conn.cursor().copy(
-                f"COPY {CHIPS_TABLE} ({columns}) FROM STDIN WITH (FORMAT binary)"
-            ) as copy:
-                for part in parts:
-                    copy.write(part)
-            del parts
-            timings["copy"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            for statement in definitions.create_statements():
-                step = time.perf_counter()
-                conn.execute(statement)
-                log.debug("%.3f s: %s", time.perf_counter() - step, statement)
-            timings["rebuild"] = time.perf_counter() - clock
+            for b in built:
+                _attach(conn, b)
+            timings["attach"] = time.perf_counter() - clock
             clock = time.perf_counter()
         timings["commit"] = time.perf_counter() - clock
     result.items = len(prepared)
-    result.chips = rows
+    result.chips = sum(b.rows for b in built)
     return result
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A collection's new partition, built and not yet attached."""
+
+    collection: str
+    table: sql.Composed  # stacchip.<name>
+    name: str
+    old: str | None  # the partition it replaces
+    rows: int  # chip rows given for it (not counting the rows kept from `old`)
+
+
+def _build_partition(
+    conn: psycopg.Connection,
+    collection: str,
+    old: str | None,
+    prepared: Sequence[PreparedItem],
+    chip_size: int,
+    timings: dict[str, float],
+) -> _Built:
+    """A new table with the collection's rows and every index of `stacchip.chips`; `old` is
+    the collection's current partition, whose rows of other items or sizes it keeps."""
+    clock = time.perf_counter()
+    # A name the database makes, never the collection id (user input).
+    name = conn.execute(
+        "SELECT 'chips_p' || nextval('stacchip.chip_partition_seq')"
+    ).fetchone()[0]
+    table = sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(name))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
+            "INCLUDING GENERATED INCLUDING STORAGE)"
+        ).format(table, _PARENT)
+    )
+    # Checked row by row as the rows come (cheaper than a scan after); ATTACH then knows
+    # every row belongs to the partition and does not scan it.
+    conn.execute(
+        sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK (collection = {})").format(
+            table, sql.Identifier(f"{name}_collection"), sql.Literal(collection)
+        )
+    )
+    if old is not None:
+        old_table = sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(old))
+        # Nobody writes it from now on (its writers wait for the collection lock already;
+        # this also holds off writers that do not take it); readers go on.
+        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(old_table))
+        columns = sql.SQL(", ").join(map(sql.Identifier, _BULK_COLUMNS))
+        keys = sql.SQL(", ").join(map(sql.Identifier, _BULK_COLUMNS[:5]))
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {new} ({columns}) SELECT {columns} FROM {old} o "
+                "WHERE o.chip_size <> %s OR NOT EXISTS (SELECT 1 FROM stacchip_bulk_keys k "
+                "WHERE k.collection = %s AND k.item_id = o.item_id) ORDER BY {keys}"
+            ).format(new=table, columns=columns, old=old_table, keys=keys),
+            (chip_size, collection),
+        )
+    timings["delete"] = timings.get("delete", 0.0) + time.perf_counter() - clock
+    clock = time.perf_counter()
+    parts, rows = _bulk_copy_parts(prepared, chip_size)
+    with conn.cursor().copy(
+        sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT binary)").format(
+            table, sql.SQL(", ").join(map(sql.Identifier, _BULK_COLUMNS))
+        )
+    ) as copy:
+        for part in parts:
+            copy.write(part)
+    del parts
+    timings["copy"] = timings.get("copy", 0.0) + time.perf_counter() - clock
+    clock = time.perf_counter()
+    conn.execute("SELECT stacchip.create_chip_partition_indexes(%s)", (name,))
+    timings["rebuild"] = timings.get("rebuild", 0.0) + time.perf_counter() - clock
+    return _Built(collection, table, name, old, rows)
+
+
+def _attach(conn: psycopg.Connection, built: _Built) -> None:
+    """Attach `built` as its collection's partition (first dropping the one it replaces)."""
+    if built.old is not None:
+        old_table = sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(built.old))
+        conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(_PARENT, old_table))
+        conn.execute(sql.SQL("DROP TABLE {}").format(old_table))
+        conn.execute(
+            "UPDATE stacchip.chip_partitions SET partition = %s WHERE collection = %s",
+            (built.name, built.collection),
+        )
+    else:
+        conn.execute(
+            "INSERT INTO stacchip.chip_partitions (collection, partition) VALUES (%s, %s)",
+            (built.collection, built.name),
+        )
+    conn.execute(
+        sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})").format(
+            _PARENT, built.table, sql.Literal(built.collection)
+        )
+    )
+    # The partition bound says it now; the CHECK would only cost every write a test.
+    conn.execute(
+        sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            built.table, sql.Identifier(f"{built.name}_collection")
+        )
+    )
+
+
+def _replaced_items(conn: psycopg.Connection, prepared: Sequence[PreparedItem]) -> None:
+    """The items being loaded, as a temp table `stacchip_bulk_keys` (a partition rebuilt
+    leaves out their old rows: one hashed anti-join, whatever the number of items)."""
+    conn.execute(
+        "CREATE TEMP TABLE stacchip_bulk_keys (collection text, item_id text) ON COMMIT DROP"
+    )
+    with conn.cursor().copy("COPY stacchip_bulk_keys (collection, item_id) FROM STDIN") as copy:
+        for p in prepared:
+            copy.write_row((p.collection, p.item_id))
+    conn.execute("ANALYZE stacchip_bulk_keys")
 
 
 def _lock_exclusively(conn: psycopg.Connection, table: str) -> None:
@@ -327,34 +355,27 @@ def _lock_exclusively(conn: psycopg.Connection, table: str) -> None:
     conn.execute("SELECT set_config('lock_timeout', %s, true)", (previous,))
 
 
-def _delete_items(
-    conn: psycopg.Connection, prepared: Sequence[PreparedItem], chip_size: int
-) -> None:
-    """Delete the chip rows of `prepared` at `chip_size`: one DELETE joined to a temp table."""
-    conn.execute(
-        "CREATE TEMP TABLE stacchip_bulk_keys (collection text, item_id text) ON COMMIT DROP"
-    )
-    with conn.cursor().copy("COPY stacchip_bulk_keys (collection, item_id) FROM STDIN") as copy:
-        for p in prepared:
-            copy.write_row((p.collection, p.item_id))
-    conn.execute(
-        f"DELETE FROM {CHIPS_TABLE} c USING stacchip_bulk_keys k "
-        "WHERE c.collection = k.collection AND c.item_id = k.item_id AND c.chip_size = %s",
-        (chip_size,),
-    )
-
-
-def chips_table_is_empty(conn: psycopg.Connection) -> bool:
-    """Whether `stacchip.chips` has no rows (one index-free probe; commits nothing).
+def chips_table_is_empty(
+    conn: psycopg.Connection, collections: Sequence[str] | None = None
+) -> bool:
+    """Whether `stacchip.chips` has no rows, or (`collections`) none of those collections
+    (their partitions are missing or empty): where a bulk load builds partitions that nobody
+    has filled yet. One probe of those partitions only; commits nothing.
 
     False also when another session holds the table exclusively for longer than
-    `READ_LOCK_TIMEOUT_S` (a bulk load filling it): it is not empty for long, and the
-    normal path the caller then takes waits for that load and goes on after it.
+    `READ_LOCK_TIMEOUT_S` (a bulk load swapping a partition): the normal path the caller then
+    takes waits for that load and goes on after it.
     """
     try:
         with conn.transaction():
             set_lock_timeout(conn, READ_LOCK_TIMEOUT_S)
-            return conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {CHIPS_TABLE})").fetchone()[0]
+            if collections is None:
+                query = f"SELECT NOT EXISTS (SELECT 1 FROM {CHIPS_TABLE})"
+                return conn.execute(query).fetchone()[0]
+            return conn.execute(  # the value prunes the other collections' partitions
+                f"SELECT NOT EXISTS (SELECT 1 FROM {CHIPS_TABLE} WHERE collection = ANY(%s))",
+                (sorted(set(collections)),),
+            ).fetchone()[0]
     except psycopg.errors.LockNotAvailable:
         log.info(
             "%s is locked by %s: taken as not empty (the normal path waits for it)",

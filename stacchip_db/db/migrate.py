@@ -32,7 +32,7 @@ from pypgstac.version import __version__ as PGSTAC_VERSION
 
 from stacchip_db.config import mask_url
 from stacchip_db.db.connection import connect, translate_errors
-from stacchip_db.db.sql_template import expand, selection_filters
+from stacchip_db.db.sql_template import expand
 from stacchip_db.errors import DatabaseError, PostgisMissing, SchemaBehind
 from stacchip_db.resources import resource_dir
 
@@ -54,7 +54,7 @@ def sql_files() -> list[Path]:
 
 def sql_text(path: Path) -> str:
     """A shipped SQL file as it runs: its markers expanded (`sql_template`)."""
-    return expand(path.read_text(), selection_filters())
+    return expand(path.read_text(), shipped_filters=True)
 
 
 def sql_checksum() -> str:

@@ -21,11 +21,9 @@ The syntax, all of it (anything else between double braces is an error):
     {{filter_arguments $5}}                `collections => $5, bbox => $6, …`
     {{filter_values}}                      `collections, bbox, …`
 
-Files after `010` (`040_locations.sql`) have no block: their markers expand to `010`'s filters
-(`db/migrate.sql_text` passes them), so their functions take the same filters by name.
-
 A marker alone on its line expands to one item per line at its indentation (what `\\sf` shows),
-otherwise to one line.
+otherwise to one line. A file without a block of its own (`sql/030`, `sql/040`) is expanded
+with the shipped `sql/010`'s filters (`expand(…, shipped_filters=True)`, as `db init` does).
 """
 
 from __future__ import annotations
@@ -89,13 +87,15 @@ def parse_filters(text: str) -> tuple[Parameter, ...]:
     return tuple(parameters)
 
 
-def expand(text: str, shared: tuple[Parameter, ...] = ()) -> str:
+def expand(text: str, *, shipped_filters: bool = False) -> str:
     """`text` with its filter block removed and every marker replaced (see the module doc).
 
-    A file without a block of its own expands its markers with `shared`: the selection
-    filters (`selection_filters`) for the files after `010` whose functions call it.
+    `shipped_filters`: a file without a block of its own (`sql/030`'s layer sampler) takes
+    the filters of the shipped `sql/010` (`selection_filters`).
     """
-    filters = parse_filters(text) or shared
+    filters = parse_filters(text)
+    if not filters and shipped_filters:
+        filters = selection_filters()
     text = _BLOCK.sub("", text)
 
     def replace(match: re.Match[str]) -> str:

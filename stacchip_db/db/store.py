@@ -19,13 +19,17 @@ Batches of items are written by `db/writer.py` (`ItemWriter`), large loads by `d
 Concurrency, the way pgstac's own loader does it:
 
 1. a short first transaction makes sure every collection and pgstac partition the items need
-   exists (`pgstac.check_partition`, the function pgstac's trigger calls), serialised per
+   exists (`pgstac.check_partition`, the function pgstac's trigger calls), and the collection's
+   partition of `stacchip.chips` (`stacchip.chip_partition`, alembic 0008), serialised per
    collection by an advisory lock, so that the partition DDL (ACCESS EXCLUSIVE locks) never
    runs inside the long transaction that writes the rows;
-2. the write transaction first takes one advisory lock per item, in sorted key order: writers of
-   different items never wait for each other, two writers of the same item run one after the
-   other (the second one's rows win, consistently), and sorted order rules out deadlocks.
-   A transaction that waits for an item lock holds no table lock yet.
+2. the write transaction first takes the collections' advisory locks in shared mode (a bulk
+   load of a collection takes its lock exclusively: `db/bulk.py` swaps the collection's
+   partition, which no writer of it may then be inside), then one advisory lock per item, in
+   sorted key order: writers of different items never wait for each other, two writers of the
+   same item run one after the other (the second one's rows win, consistently), and sorted
+   order rules out deadlocks. A transaction that waits for these locks holds no table lock yet.
+   Its statements name the collections, so that they lock and read only those partitions.
 
 Functions here commit their own transactions: pass a connection that is not inside one
 (autocommit, or idle).
@@ -63,8 +67,10 @@ log = logging.getLogger(__name__)
 BATCH_ITEMS = 500
 """Items per batch: `ItemWriter`'s default batch, `bulk_load`'s pgstac upsert calls."""
 
-# First key of the two-int advisory locks that serialise pgstac partition checks per
-# collection. The one-bigint lock space (item locks, `db init`) is a different lock tag.
+# First key of the two-int advisory locks of a collection: taken exclusively around its
+# partition checks and creation (here and in `stacchip.chip_partition`, alembic 0008) and by a
+# bulk load of it, shared by its writers. The one-bigint lock space (item locks, `db init`) is a
+# different lock tag.
 _PARTITION_LOCK_CLASS = 0x57AC
 
 
@@ -121,6 +127,22 @@ def item_lock_key(collection: str, item_id: str) -> int:
     """The advisory-lock key (signed bigint) of an item: writers of one item take turns."""
     digest = hashlib.blake2b(f"{collection}\0{item_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def lock_collections(
+    conn: psycopg.Connection, collections: Iterable[str], *, exclusive: bool
+) -> None:
+    """Take the collections' advisory locks until the transaction ends, in sorted order.
+
+    Shared: a writer of the collections' rows; exclusive: their partitions are created or
+    replaced (a bulk load), so no writer of them may be inside its write transaction.
+    """
+    function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    conn.execute(
+        f"SELECT {function}(%s, hashtext(c)) FROM unnest(%s::text[]) WITH ORDINALITY u(c, n) "
+        "ORDER BY n",
+        (_PARTITION_LOCK_CLASS, sorted(set(collections))),
+    )
 
 
 def lock_items(conn: psycopg.Connection, prepared: Sequence[PreparedItem]) -> None:
@@ -199,12 +221,18 @@ SELECT pgstac.check_partition(collection, dtrange, edtrange) FROM p ORDER BY col
 
 
 def ensure_collections_and_partitions(
-    conn: psycopg.Connection, prepared: Sequence[PreparedItem], *, strict: bool
+    conn: psycopg.Connection,
+    prepared: Sequence[PreparedItem],
+    *,
+    strict: bool,
+    chip_partitions: bool = True,
 ) -> list[str]:
     """First transaction: collections (created when missing) and partitions; returns created.
 
     Its own transaction, before the one that writes the rows (`bulk_load` too): the partition
-    DDL takes ACCESS EXCLUSIVE locks, which the long write transaction must not hold.
+    DDL takes ACCESS EXCLUSIVE locks, which the long write transaction must not hold. With
+    `chip_partitions`, each collection's partition of `stacchip.chips` is made too (a bulk
+    load builds its own instead).
     """
     created: list[str] = []
     first_item: dict[str, PreparedItem] = {}
@@ -247,6 +275,11 @@ def ensure_collections_and_partitions(
             for p in prepared
         ]
         conn.execute(_PARTITIONS, (json.dumps(dates),))
+        if chip_partitions:
+            conn.execute(
+                "SELECT stacchip.chip_partition(c) FROM unnest(%s::text[]) AS c ORDER BY c",
+                (sorted(first_item),),
+            )
     return created
 
 
@@ -260,11 +293,15 @@ def _write(
     """Second transaction: item locks, pgstac upsert, chip rows replaced."""
     result = StoreResult()
     with conn.transaction():
+        lock_collections(conn, (p.collection for p in prepared), exclusive=False)
         lock_items(conn, prepared)
         prepared = upsert_items(conn, prepared, chip_size, on_conflict, result)
         if not prepared:
             return result
         prepared = with_locations(prepared, chip_size)
+        # `s.collection = ANY(...)`, given as a value, lets the planner leave out the other
+        # collections' partitions (not read, not locked).
+        names = sorted({p.collection for p in prepared})
         collections = [p.collection for p in prepared]
         item_ids = [p.item_id for p in prepared]
         items = (collections, item_ids, [p.datetime for p in prepared])
@@ -282,7 +319,8 @@ def _write(
             f"""
             DELETE FROM stacchip.chips s
             USING {_ITEMS} AS i(collection, item_id, datetime, n)
-            WHERE s.collection = i.collection AND s.item_id = i.item_id AND s.chip_size = %s
+            WHERE s.collection = ANY(%s::text[])
+              AND s.collection = i.collection AND s.item_id = i.item_id AND s.chip_size = %s
               AND NOT EXISTS (
                 SELECT 1 FROM stacchip_chips_in c
                 WHERE c.item_no = i.n - 1 AND c.chip_index_x = s.chip_index_x
@@ -292,7 +330,7 @@ def _write(
                   AND c.location = s.location
                   AND c.geometry = ST_AsBinary(s.geometry, 'NDR'))
             """,
-            (*items, chip_size),
+            (*items, names, chip_size),
         )
         conn.execute(
             f"""
@@ -310,8 +348,8 @@ def _write(
         stored = conn.execute(
             f"SELECT count(*) FROM stacchip.chips s JOIN {_ITEMS} AS i(collection, item_id, "
             "datetime, n) ON s.collection = i.collection AND s.item_id = i.item_id "
-            "WHERE s.chip_size = %s",
-            (*items, chip_size),
+            "WHERE s.collection = ANY(%s::text[]) AND s.chip_size = %s",
+            (*items, names, chip_size),
         ).fetchone()[0]
         if stored != rows:  # only a wrong item_no (a bug) or a duplicate chip key gets here
             raise DatabaseError(f"stored {stored} of {rows} chips; nothing was committed")

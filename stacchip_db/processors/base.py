@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import click
+import psycopg
 import pystac
 from pystac.utils import is_absolute_href
 from pystac_client import Client
@@ -487,8 +488,21 @@ def _ingest_scene(
         )
     with _timed(timings, "store"), db.connect(autocommit=True) as conn:
         store_item(conn, item, chips, chip_size=request.chip_size)
+        _fill_layers(conn, item)
     report.chips = chips.num_rows
     report.status = "stored"
+
+
+def _fill_layers(conn: psycopg.Connection, item: dict[str, Any]) -> None:
+    """The scene's class fractions in every raster layer (`layers.fill_fractions`), a step
+    after storing; a failure is a warning (`stacchip-db layer refresh` computes them later)."""
+    from stacchip_db.layers import fill_fractions
+
+    try:
+        for summary in fill_fractions(conn, items=[(item["collection"], item["id"])]):
+            log.info("%s", summary.describe())
+    except StacchipError as exc:
+        log.warning("class fractions of %s not computed: %s", item["id"], exc)
 
 
 def _copy_assets(

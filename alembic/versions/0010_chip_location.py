@@ -14,16 +14,16 @@ indexed, and a trigger gives that same fallback to rows inserted later without a
 Written for a plain or a partitioned `stacchip.chips` (ADD COLUMN, UPDATE, CREATE INDEX and
 row triggers on a partitioned parent reach every partition).
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-01
 """
 
 import numpy as np
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
@@ -89,6 +89,28 @@ def upgrade() -> None:
     )
     op.execute("ALTER TABLE stacchip.chips ALTER COLUMN location SET NOT NULL")
     op.execute("CREATE INDEX chips_location_idx ON stacchip.chips (location)")
+    # On a partitioned table: its partitions' indexes named as
+    # stacchip.create_chip_partition_indexes (0008) names them, `chips_location_idx_p<n>`.
+    op.execute(
+        """
+        DO $$
+        DECLARE ix record;
+        BEGIN
+            FOR ix IN
+                SELECT c.oid::regclass AS child, regexp_replace(t.relname, '^chips_', '') AS suffix
+                FROM pg_inherits h JOIN pg_class p ON p.oid = h.inhparent
+                JOIN pg_class c ON c.oid = h.inhrelid
+                JOIN pg_index x ON x.indexrelid = c.oid JOIN pg_class t ON t.oid = x.indrelid
+                WHERE p.relnamespace = 'stacchip'::regnamespace
+                  AND p.relname = 'chips_location_idx'
+            LOOP
+                EXECUTE format('ALTER INDEX %s RENAME TO %I', ix.child,
+                               'chips_location_idx_' || ix.suffix);
+            END LOOP;
+        END
+        $$
+        """
+    )
     # Rows written without a location (INSERTs by hand or by other tools, which know no grid)
     # get the key-hash fallback rather than failing the NOT NULL: the trigger's WHEN is checked
     # in C per row, so writers that give the location (every stacchip-db path) pay nothing.
