@@ -32,12 +32,17 @@ from psycopg import sql
 
 from stacchip_db.db import connect
 from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
-from stacchip_db.db.user_sql import QueryError, check_timeout, login_url, user_query
+from stacchip_db.db.user_sql import (
+    KEY_COLUMNS,
+    check_timeout,
+    key_batches,
+    login_url,
+    user_query,
+)
 from stacchip_db.errors import StacchipError
 from stacchip_db.selection import SPLITS, ChipFilter, function_call
 from stacchip_db.text import plural
 
-KEY_COLUMNS = ("collection", "item_id", "chip_size", "chip_index_x", "chip_index_y")
 FINDINGS = ("overlap", "locations", "duplicates")
 BATCH_ROWS = 10_000
 """Chip keys sent to the server per COPY batch (files and queries are streamed)."""
@@ -282,15 +287,7 @@ def _query_keys(
         login, statement, None, timeout_s=timeout_s, snapshot=snapshot,
         explicit_login=explicit_login,
     ) as result:  # fmt: skip
-        missing = [c for c in KEY_COLUMNS if c not in result.columns]
-        if missing:
-            raise QueryError(
-                f"`query` does not return the chip key column(s) {', '.join(missing)}; select "
-                f"{', '.join(KEY_COLUMNS)}"
-            )
-        where = [result.columns.index(c) for c in KEY_COLUMNS]
-        for batch in result.batches():
-            yield [tuple(row[i] for i in where) for row in batch]
+        yield from key_batches(result)
 
 
 def _copy_keys(

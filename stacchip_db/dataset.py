@@ -34,7 +34,13 @@ from psycopg import sql
 
 from stacchip_db.db import connect, translate_errors
 from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
-from stacchip_db.db.user_sql import QueryError, check_timeout, login_url, user_query
+from stacchip_db.db.user_sql import (
+    QueryError,
+    check_timeout,
+    key_batches,
+    login_url,
+    user_query,
+)
 from stacchip_db.errors import DatabaseError, StacchipError
 from stacchip_db.grid import chip_grid
 from stacchip_db.index import item_datetime
@@ -47,9 +53,6 @@ from stacchip_db.reader import (
     read_chips,
 )
 from stacchip_db.sensors import sensor_for
-
-KEY_COLUMNS = ("collection", "item_id", "chip_size", "chip_index_x", "chip_index_y")
-"""Columns a chip query must return: the key of `stacchip.chips`."""
 
 STATEMENT_TIMEOUT_S = 300.0
 """Default time limit of a user's chip query."""
@@ -169,19 +172,7 @@ def _run_user_query(
         login, statement, params, timeout_s=timeout_s, snapshot=snapshot,
         explicit_login=explicit_login,
     ) as result:  # fmt: skip
-        missing = [c for c in KEY_COLUMNS if c not in result.columns]
-        if missing:
-            raise QueryError(
-                f"`query` does not return the chip key column(s) {', '.join(missing)} "
-                f"(it returns {', '.join(result.columns) or 'nothing'}); select "
-                f"{', '.join(KEY_COLUMNS)}"
-            )
-        where = [result.columns.index(c) for c in KEY_COLUMNS]
-        return [
-            tuple(row[i] for i in where)  # type: ignore[misc]
-            for batch in result.batches()
-            for row in batch
-        ]
+        return [key for batch in key_batches(result) for key in batch]  # type: ignore[misc]
 
 
 def _chip_rows(
@@ -280,6 +271,15 @@ def clay_norms(
         "week_norm": sin_cos(week * 2 * math.pi / 52),
         "hour_norm": sin_cos(hour * 2 * math.pi / 24),
     }
+
+
+def check_one_chip_size(collection: str, sizes: set[int]) -> None:
+    """Chips of one cube share a shape: refuse a collection's selection of several chip sizes."""
+    if len(sizes) > 1:
+        raise DatasetError(
+            f"collection {collection}: the selection mixes chip sizes {sorted(sizes)}, which "
+            "cannot share a cube; select one chip size (filter on chip_size)"
+        )
 
 
 def bands_for(collection: str, bands: Sequence[str] | None, platform: str | None) -> list[str]:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stacchip_db.chip_schema import CHIP_TYPES, FOOTPRINT_METADATA, chip_field
-from stacchip_db.dataset import ChipRow, ChipSelection, bands_for, clay_norms
+from stacchip_db.dataset import ChipRow, ChipSelection, bands_for, check_one_chip_size, clay_norms
 from stacchip_db.errors import ConfigError, StacchipError
 from stacchip_db.paths import is_safe_name
 from stacchip_db.read_engine import BlockRead, read_blocks, stops_cleanly
@@ -137,12 +137,7 @@ def plan_cubes(
                 len(chips),
             )
             continue
-        sizes = sorted({r.chip_size for r in chips})
-        if len(sizes) > 1:
-            raise PrechipError(
-                f"collection {collection}: the selection mixes chip sizes {sizes}, which cannot "
-                "share a cube; select one chip size (filter on chip_size)"
-            )
+        check_one_chip_size(collection, {r.chip_size for r in chips})
         collection_bands = bands_for(collection, bands, platform)
         for k, start in enumerate(range(0, len(chips), cube_size)):
             part = chips[start : start + cube_size]

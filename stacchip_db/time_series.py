@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from stacchip_db.dataset import ChipRow, bands_for, clay_norms
+from stacchip_db.dataset import ChipRow, bands_for, check_one_chip_size, clay_norms
 from stacchip_db.errors import ConfigError
 from stacchip_db.read_engine import BlockRead
 
@@ -147,12 +147,7 @@ def plan_stack_cubes(
         sorted(stacks, key=lambda s: s.collection), key=lambda s: s.collection
     ):
         members = list(group)
-        sizes = sorted({rows[p].chip_size for s in members for p in s.positions})
-        if len(sizes) > 1:
-            raise ConfigError(
-                f"collection {collection}: the selection mixes chip sizes {sizes}, which cannot "
-                "share a cube; select one chip size (filter on chip_size)"
-            )
+        check_one_chip_size(collection, {rows[p].chip_size for s in members for p in s.positions})
         collection_bands = bands_for(collection, bands, platform)
         for k, start in enumerate(range(0, len(members), cube_size)):
             part = members[start : start + cube_size]

@@ -282,3 +282,22 @@ def _past_deadline(timeout_s: float) -> QueryError:
         f"`query` ran past its deadline of {timeout_s:g} s (`statement_timeout_s`) and was "
         "cancelled; make it cheaper or raise `statement_timeout_s`"
     )
+
+
+KEY_COLUMNS = ("collection", "item_id", "chip_size", "chip_index_x", "chip_index_y")
+"""Columns a chip query must return: the key of `stacchip.chips`."""
+
+
+def key_batches(result: Any) -> Iterator[list[tuple[Any, ...]]]:
+    """The chip keys (`KEY_COLUMNS`) of a user query's result, batch by batch; a `QueryError`
+    naming what is missing when the query does not return them all."""
+    missing = [c for c in KEY_COLUMNS if c not in result.columns]
+    if missing:
+        raise QueryError(
+            f"`query` does not return the chip key column(s) {', '.join(missing)} "
+            f"(it returns {', '.join(result.columns) or 'nothing'}); select "
+            f"{', '.join(KEY_COLUMNS)}"
+        )
+    where = [result.columns.index(c) for c in KEY_COLUMNS]
+    for batch in result.batches():
+        yield [tuple(row[i] for i in where) for row in batch]
