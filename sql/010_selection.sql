@@ -149,26 +149,14 @@ $$;
     min_fractions jsonb DEFAULT NULL
 {{end filters}}
 
--- Every version of the selection functions goes first, whatever its parameters: a filter added
--- or removed changes the signature, and an old signature left beside the new one would make
--- named calls ambiguous. By name, from the catalog, so that no signature is written by hand.
-DO $$
-DECLARE
-    old regprocedure;
-BEGIN
-    FOR old IN
-        SELECT p.oid FROM pg_proc AS p
-        WHERE p.pronamespace = 'stacchip'::regnamespace
-          AND (p.proname IN ('matching_chips', 'select_chips', 'sample_chips',
-                             'sample_chips_stratified', 'sample_chips_stratified_run')
-               -- and any other function returning the row type (sql/030's layer
-               -- sampler), which would otherwise keep the type below from being dropped
-               OR p.prorettype = to_regtype('stacchip.selected_chip'))
-    LOOP
-        EXECUTE format('DROP FUNCTION %s', old);
-    END LOOP;
-END
-$$;
+-- Every version of the selection functions goes first, whatever its parameters (a filter added
+-- or removed changes the signature: sql/003), and any other function returning the row type
+-- (sql/030's layer sampler), which would otherwise keep the type below from being dropped.
+CALL stacchip.drop_functions(
+    '{matching_chips,select_chips,sample_chips,sample_chips_stratified,'
+    'sample_chips_stratified_run}',
+    'stacchip.selected_chip'
+);
 
 -- The row of every selection function: the chip's columns, its id first. (A type of its own,
 -- so that the functions do not each spell out the columns.) `geometry` without a typmod, as

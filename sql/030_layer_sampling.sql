@@ -21,18 +21,7 @@
 -- chip looked up by key for the filters, so a stratum costs about k / (its share passing the
 -- filters) index entries, whatever the table's size.
 
-DO $$
-DECLARE
-    old regprocedure;
-BEGIN
-    FOR old IN
-        SELECT p.oid FROM pg_proc AS p
-        WHERE p.pronamespace = 'stacchip'::regnamespace AND p.proname = 'sample_chips_by_layer'
-    LOOP
-        EXECUTE format('DROP FUNCTION %s', old);
-    END LOOP;
-END
-$$;
+CALL stacchip.drop_functions('{sample_chips_by_layer}');
 
 CREATE FUNCTION stacchip.sample_chips_by_layer(
     n int,

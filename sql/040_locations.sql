@@ -8,20 +8,9 @@
 -- block, expanded here by `db init`: {{filter_parameters}} and the like) and reads the chips
 -- through stacchip.select_chips, so a filter means here what it means everywhere.
 
-DO $$
-DECLARE
-    old regprocedure;
-BEGIN
-    FOR old IN
-        SELECT p.oid FROM pg_proc AS p
-        WHERE p.pronamespace = 'stacchip'::regnamespace
-          AND p.proname IN ('location_dates', 'sample_locations', 'sample_locations_stratified',
-                            'audit_split')
-    LOOP
-        EXECUTE format('DROP FUNCTION %s', old);
-    END LOOP;
-END
-$$;
+CALL stacchip.drop_functions(
+    '{location_dates,sample_locations,sample_locations_stratified,audit_split}'
+);
 
 -- How many dates the locations of the matching chips have: one row per number of distinct
 -- dates (datetimes) a location has, with the number of such locations and their chips.
