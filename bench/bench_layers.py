@@ -35,11 +35,16 @@ from pathlib import Path
 
 import psycopg
 from bench_queries import fill  # the bench/ folder
-from bench_store import BENCH_URL_ENV, add_durability_option, configuration
+from bench_store import (
+    BENCH_URL_ENV,
+    add_durability_option,
+    admin_url,
+    configuration,
+    fresh_database,
+)
 
 from stacchip_db.class_fractions import chip_classes
 from stacchip_db.db import init_database
-from stacchip_db.db.embedded import EmbeddedCluster
 from stacchip_db.grid import chip_grid
 from stacchip_db.selection import ChipFilter, Sampling, build_selection, execute_selection
 from stacchip_db.synthetic import WORLDCOVER_CLASSES, write_class_raster
@@ -226,18 +231,8 @@ def main() -> None:
         init_database(url)
         run(url, args.rows, args.runs, args.skip_fill)
         return
-    home = Path(tempfile.mkdtemp(prefix="stacchip-bench-"))
-    cluster = EmbeddedCluster(home, durable=args.durable, database="postgres")
-    cluster.start()
-    try:
-        with psycopg.connect(cluster.socket_url("postgres"), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE bench")
-        bench_url = cluster.socket_url("bench")
-        init_database(bench_url)
-        run(bench_url, args.rows, args.runs, skip_fill=False)
-    finally:
-        cluster.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    with admin_url(args.durable) as admin:  # a new embedded cluster, removed afterwards
+        run(fresh_database(admin, "bench"), args.rows, args.runs, skip_fill=False)
 
 
 if __name__ == "__main__":

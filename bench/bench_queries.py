@@ -5,7 +5,8 @@ one-degree tiles in four regions (Europe, Africa, South and North America), each
 about 15 times between 2018 and 2023 by a 42 x 42 grid of 256-px chips (2.56 km at 10 m, as
 Sentinel-2; every fourth revisit is `landsat-c2-l2`), per-scene cloudiness with per-chip noise,
 10% of chips with some nodata. Rows are written item by item, as the store writes them. The
-indexes are dropped for the load and rebuilt (what a bulk restore does), then ANALYZE.
+rows go into each collection's partition with its indexes in place, then ANALYZE (the
+partition-by-partition bulk path is measured by bench_scale.py).
 
 Then, through the same query builder the CLI uses (`stacchip_db.selection`), fetching every
 row (geometry included) to the client:
@@ -33,19 +34,22 @@ import logging
 import math
 import os
 import random
-import shutil
+import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import psycopg
-from bench_store import BENCH_URL_ENV, add_durability_option, configuration  # the bench/ folder
+from bench_store import (
+    BENCH_URL_ENV,
+    add_durability_option,
+    admin_url,
+    configuration,
+    fresh_database,
+)  # the bench/ folder
 
 from stacchip_db.db import init_database
-from stacchip_db.db.embedded import EmbeddedCluster
 from stacchip_db.selection import ChipFilter, Sampling, build_selection, execute_selection
 
 CHIPS_PER_ITEM = 42 * 42
@@ -98,19 +102,21 @@ FROM (SELECT *, 2560 / (111320 * cos(radians(lat + 0.5))) AS w, 2560 / 110574.0 
 """
 
 
+COLLECTIONS = ("sentinel-2-l2a", "landsat-c2-l2")
+"""The collections of the generated items (every fourth revisit is Landsat)."""
+
+
 def fill(conn: psycopg.Connection, rows: int) -> int:
     """Replace the chips with `rows` generated ones (rounded up to whole items)."""
     items = math.ceil(rows / CHIPS_PER_ITEM)
     tiles = sum(cols * nrows for _, _, _, cols, nrows in REGIONS)
     revisits = math.ceil(items / tiles)
-    indexes = conn.execute(
-        "SELECT indexname, indexdef FROM pg_indexes "
-        "WHERE schemaname = 'stacchip' AND tablename = 'chips'"
-    ).fetchall()
     conn.execute("TRUNCATE stacchip.chips")
-    conn.execute("ALTER TABLE stacchip.chips DROP CONSTRAINT chips_pkey")
-    for name, _ in indexes:
-        conn.execute(f"DROP INDEX IF EXISTS stacchip.{name}")
+    # stacchip.chips is partitioned by collection (alembic 0008): each collection's partition,
+    # with its indexes, is made before its rows arrive
+    conn.execute(
+        "SELECT stacchip.chip_partition(c) FROM unnest(%s::text[]) AS c", (list(COLLECTIONS),)
+    )
     conn.execute("SELECT setseed(0.42)")
     conn.execute(
         _ITEMS_SQL,
@@ -125,17 +131,6 @@ def fill(conn: psycopg.Connection, rows: int) -> int:
         conn.execute(_CHIPS_SQL, {"first": first, "last": first + ITEMS_PER_INSERT})
         log.info("loaded %d/%d items (%.0f s)", min(first + ITEMS_PER_INSERT, items), items,
                  time.perf_counter() - start)
-    conn.execute("SET maintenance_work_mem = '1GB'")
-    conn.execute("SET max_parallel_maintenance_workers = 2")
-    for name, definition in indexes:
-        began = time.perf_counter()
-        conn.execute(definition)
-        if name == "chips_pkey":
-            conn.execute(
-                "ALTER TABLE stacchip.chips ADD CONSTRAINT chips_pkey PRIMARY KEY "
-                "USING INDEX chips_pkey"
-            )
-        log.info("built %s in %.0f s", name, time.perf_counter() - began)
     conn.execute("VACUUM ANALYZE stacchip.chips")
     log.info("filled %d chips of %d items in %.0f s", items * CHIPS_PER_ITEM, items,
              time.perf_counter() - start)
@@ -167,8 +162,9 @@ def explain(conn: psycopg.Connection, chip_filter: ChipFilter,
 
 
 def indexes_used(plan: str) -> list[str]:
-    return sorted({word for line in plan.splitlines() for word in line.replace(",", " ").split()
-                   if word.startswith("chips_") and word.endswith(("_idx", "_pkey"))})
+    """The chips indexes a plan scans, by the parent's name (a partition's index is the
+    parent's name + `_p<n>`, alembic 0008)."""
+    return sorted(set(re.findall(r"\b(chips_\w+?(?:_idx|_pkey))(?:_p\d+)?\b", plan)))
 
 
 def report(name: str, goal_ms: float, times: list[float], counts: list[int]) -> None:
@@ -283,18 +279,8 @@ def main() -> None:
         init_database(url)
         run(url, args.rows, args.runs, args.skip_fill)
         return
-    home = Path(tempfile.mkdtemp(prefix="stacchip-bench-"))
-    cluster = EmbeddedCluster(home, durable=args.durable, database="postgres")
-    cluster.start()
-    try:
-        with psycopg.connect(cluster.socket_url("postgres"), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE bench")
-        bench_url = cluster.socket_url("bench")
-        init_database(bench_url)
-        run(bench_url, args.rows, args.runs, skip_fill=False)
-    finally:
-        cluster.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    with admin_url(args.durable) as admin:  # a new embedded cluster, removed afterwards
+        run(fresh_database(admin, "bench"), args.rows, args.runs, skip_fill=False)
 
 
 if __name__ == "__main__":
