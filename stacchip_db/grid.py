@@ -606,7 +606,7 @@ def crs_name(crs: pyproj.CRS) -> str:
     """The CRS as a location's text names it: `EPSG:<code>` when it has one, else its WKT2.
 
     By code rather than by text, so that `proj:epsg`, `proj:code` and a WKT of one EPSG CRS
-    name the same place; cached (finding the code takes milliseconds).
+    name the same place. Finding the code takes milliseconds: call it once per grid.
     """
     code = crs.to_epsg()
     return f"EPSG:{code}" if code is not None else crs.to_wkt()
@@ -617,12 +617,17 @@ def _number(value: float) -> str:
     return f"{rounded:.{LOCATION_DECIMALS}f}"
 
 
+def _location_prefix(crs: pyproj.CRS, transform: Affine, chip_size: int) -> str:
+    """What every chip of one grid shares in its location text: CRS, pixel, chip size."""
+    pixel = "|".join(_number(v) for v in (transform.a, transform.b, transform.d, transform.e))
+    return f"{crs_name(crs)}|{pixel}|{int(chip_size)}|"
+
+
 def location_text(crs: pyproj.CRS, transform: Affine, chip_size: int, x: float, y: float) -> str:
     """The canonical text of a chip location: CRS, pixel size and orientation (the transform's
     a, b, d, e), chip size in pixels, and the chip's top-left corner `(x, y)` in CRS units:
     `EPSG:32633|10.000000|0.000000|0.000000|-10.000000|256|399960.000000|5000040.000000`."""
-    pixel = "|".join(_number(v) for v in (transform.a, transform.b, transform.d, transform.e))
-    return f"{crs_name(crs)}|{pixel}|{int(chip_size)}|{_number(x)}|{_number(y)}"
+    return f"{_location_prefix(crs, transform, chip_size)}{_number(x)}|{_number(y)}"
 
 
 def location_key(text: str) -> int:
@@ -645,9 +650,11 @@ def grid_locations(
     t = transform
     corner_x = t.a * cols + t.b * rows + t.c
     corner_y = t.d * cols + t.e * rows + t.f
+    # The grid's part of the text once, not per chip (finding the CRS's code takes milliseconds)
+    prefix = _location_prefix(crs, transform, chip_size)
     return np.fromiter(
         (
-            location_key(location_text(crs, transform, chip_size, cx, cy))
+            location_key(f"{prefix}{_number(cx)}|{_number(cy)}")
             for cx, cy in zip(corner_x.tolist(), corner_y.tolist(), strict=True)
         ),
         dtype=np.int64,
