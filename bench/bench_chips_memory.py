@@ -32,14 +32,17 @@ sys.path.insert(0, str(REPO))
 from tests.peak_rss import peak_rss_mib  # noqa: E402  (the tests' measurement)
 
 
-def _env(home: Path, code: Path) -> dict[str, str]:
+def cli_env(home: Path, code: Path = REPO) -> dict[str, str]:
+    """The environment of a `stacchip-db` run against the embedded home `home`, importing
+    stacchip_db from `code` (no STACCHIP_* variable of the caller's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STACCHIP_")}
     env["STACCHIP_HOME"] = str(home)
     env["PYTHONPATH"] = str(code)
     return env
 
 
-def _cli(env: dict[str, str], *args: str) -> str:
+def run_cli(env: dict[str, str], *args: str) -> str:
+    """`stacchip-db -q ARGS` in `env`; its stdout."""
     return subprocess.run(
         [sys.executable, "-m", "stacchip_db.cli", "-q", *args],
         env=env, check=True, capture_output=True, text=True,
@@ -65,17 +68,17 @@ def main() -> None:
                         help="source tree whose stacchip_db runs the chips command")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="sdb-bench-mem-"))
-    fill_env = _env(home, REPO)
-    env = _env(home, args.code)
+    fill_env = cli_env(home, REPO)
+    env = cli_env(home, args.code)
     try:
-        _cli(fill_env, "db", "start")
-        _cli(fill_env, "db", "init")
+        run_cli(fill_env, "db", "start")
+        run_cli(fill_env, "db", "init")
         started = time.perf_counter()
         import psycopg
 
         from stacchip_db.synthetic import fill_chips
 
-        with psycopg.connect(_cli(fill_env, "db", "url"), autocommit=True) as conn:
+        with psycopg.connect(run_cli(fill_env, "db", "url"), autocommit=True) as conn:
             with conn.transaction():
                 fill_chips(conn, args.chips)
             # steady state: the first reads after a load would set every row's hint bits

@@ -36,6 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_chips_memory import cli_env, run_cli  # noqa: E402  (the bench/ folder)
+
 from tests.peak_rss import peak_rss_mib  # noqa: E402  (the tests' measurement)
 
 FIXTURE = REPO / "tests" / "data" / "stac" / "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
@@ -120,31 +122,17 @@ def bench_export(out: Path, reps: int) -> None:
         )
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STACCHIP_")}
-    env["STACCHIP_HOME"] = str(home)
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
-def _cli(env: dict[str, str], *args: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "stacchip_db.cli", "-q", *args],
-        env=env, check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-
-
 def bench_audit(chips: int, reps: int) -> None:
     import psycopg
 
     from stacchip_db.synthetic import fill_chips
 
     home = Path(tempfile.mkdtemp(prefix="stacchip-places-"))
-    env = _env(home)
+    env = cli_env(home)
     try:
-        _cli(env, "db", "start")
-        _cli(env, "db", "init")
-        url = _cli(env, "db", "url")
+        run_cli(env, "db", "start")
+        run_cli(env, "db", "init")
+        url = run_cli(env, "db", "url")
         started = time.perf_counter()
         with psycopg.connect(url, autocommit=True) as conn:
             fill_chips(conn, chips)

@@ -33,6 +33,7 @@ import shapely
 from psycopg import sql
 
 from stacchip_db.db import connect, translate_errors
+from stacchip_db.db.items import stored_items
 from stacchip_db.db.locks import READ_LOCK_TIMEOUT_S, lock_waits, set_lock_timeout
 from stacchip_db.db.user_sql import (
     QueryError,
@@ -210,15 +211,7 @@ def _items(
     conn: psycopg.Connection, keys: list[tuple[str, str]]
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """Items by `(collection, item_id)`, each read once through `pgstac.get_item`."""
-    if not keys:
-        return {}
-    collections, ids = (list(c) for c in zip(*keys, strict=True))
-    rows = conn.execute(
-        "SELECT t.c, t.i, pgstac.get_item(t.i, t.c) "
-        "FROM unnest(%s::text[], %s::text[]) AS t (c, i)",
-        [collections, ids],
-    ).fetchall()
-    items = {(c, i): item for c, i, item in rows if item is not None}
+    items = stored_items(conn, keys)
     missing = [k for k in keys if k not in items]
     if missing:
         raise DatabaseError(

@@ -34,6 +34,7 @@ import psycopg
 from psycopg import sql
 
 from stacchip_db.class_fractions import SAMPLES, ChipClasses, check_class_raster, chip_classes
+from stacchip_db.db.items import stored_items
 from stacchip_db.errors import StacchipError
 from stacchip_db.grid import chip_grid
 from stacchip_db.selection import LAYER_NAME
@@ -473,14 +474,7 @@ def _fill(
     )
     for start in range(0, len(pending), ITEMS_PER_BATCH):
         batch = pending[start : start + ITEMS_PER_BATCH]
-        stac = {
-            (c, i): item
-            for c, i, item in conn.execute(
-                "SELECT t.c, t.i, pgstac.get_item(t.i, t.c) FROM unnest(%s::text[], %s::text[]) "
-                "AS t(c, i)",
-                ([r[0] for r in batch], [r[1] for r in batch]),
-            )
-        }
+        stac = stored_items(conn, [(r[0], r[1]) for r in batch])
         rows = []
         for collection, item_id, chip_size, xs, ys in batch:
             item = stac.get((collection, item_id))

@@ -32,6 +32,7 @@ BATCH_ITEMS = 200
 
 
 def upgrade() -> None:
+    from stacchip_db.db.items import stored_items
     from stacchip_db.index import chip_locations
 
     op.execute("ALTER TABLE stacchip.chips ADD COLUMN location bigint")
@@ -42,15 +43,7 @@ def upgrade() -> None:
     ).fetchall()
     for start in range(0, len(groups), BATCH_ITEMS):
         batch = groups[start : start + BATCH_ITEMS]
-        items = {
-            (c, i): item
-            for c, i, item in conn.execute(
-                "SELECT t.c, t.i, pgstac.get_item(t.i, t.c) "
-                "FROM unnest(%s::text[], %s::text[]) AS t (c, i)",
-                ([g[0] for g in batch], [g[1] for g in batch]),
-            ).fetchall()
-            if item is not None
-        }
+        items = stored_items(conn, [(g[0], g[1]) for g in batch])
         keys: list[list] = [[], [], [], [], [], []]
         for collection, item_id, chip_size in batch:
             item = items.get((collection, item_id))

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import psycopg
 import pyarrow as pa
 
 from stacchip_db.errors import StacchipError
@@ -165,3 +166,19 @@ def _geometry_bbox(item_id: str, geometry: Mapping[str, Any]) -> list[float]:
     if not np.isfinite(bounds).all():
         raise ItemError(f"item {item_id}: geometry is empty; give the item a footprint")
     return bounds
+
+
+def stored_items(
+    conn: psycopg.Connection, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """The pgstac items of `keys` (`(collection, item_id)`), each read once through
+    `pgstac.get_item`, in one statement; keys without an item are left out (callers say what
+    a missing item means to them)."""
+    if not keys:
+        return {}
+    rows = conn.execute(
+        "SELECT t.c, t.i, pgstac.get_item(t.i, t.c) "
+        "FROM unnest(%s::text[], %s::text[]) AS t (c, i)",
+        ([k[0] for k in keys], [k[1] for k in keys]),
+    ).fetchall()
+    return {(c, i): item for c, i, item in rows if item is not None}
