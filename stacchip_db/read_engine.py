@@ -334,8 +334,12 @@ def run_tasks(
         else:
             # Stopped (a signal, an error, the consumer gave up): the tasks in flight are not
             # wanted, and waiting for them could take minutes. End the workers now.
-            pool.shutdown(wait=False, cancel_futures=True)
             _end_processes(set(multiprocessing.active_children()) - before)
+            # Then the pool, waiting for its manager thread, which ends on seeing its workers
+            # gone. shutdown(wait=False) would forget that thread while it still runs: it then
+            # closes its wake-up pipe while concurrent.futures' exit hook writes to it, and a
+            # traceback ("Exception ignored … Bad file descriptor") follows the one-line message.
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

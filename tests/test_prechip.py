@@ -381,8 +381,13 @@ def _segments(pid: int) -> list[str]:
     return sorted(p.name for p in Path("/dev/shm").glob(f"stacchip-{pid}-*"))
 
 
+STOPPED_CHIP_SIZE = 16
+"""Chips of the exports the tests stop: ~9,000 in ~1,100 cubes, so that the export is still
+running when the signal comes (with 32-px chips the faster reader sometimes finished first)."""
+
+
 def _start_export(database_url: str, out: Path) -> subprocess.Popen[str]:
-    """`prechip --jobs 2` over every chip in 8-chip cubes: hundreds of cubes, seconds of work."""
+    """`prechip --jobs 2` over every chip in 8-chip cubes: hundreds of cubes or more."""
     env = {**os.environ, "STACCHIP_DATABASE_URL": database_url}
     return subprocess.Popen(
         [sys.executable, "-m", "stacchip_db.cli", "-q", "prechip", "--query", ALL, "--out",
@@ -434,7 +439,7 @@ def _gone(pids: set[int], pid: int, seconds: float = 15) -> tuple[set[int], list
 def test_a_stopped_export_leaves_no_worker_segment_or_partial_file(
     database_url: str, s2_items: list[dict], tmp_path: Path, signum: int
 ) -> None:
-    store_indexed(database_url, s2_items, chip_size=32)
+    store_indexed(database_url, s2_items, chip_size=STOPPED_CHIP_SIZE)
     out = tmp_path / "cubes"
     proc = _start_export(database_url, out)
     workers = _caught_mid_run(proc)
@@ -454,7 +459,7 @@ def test_a_stopped_export_leaves_no_worker_segment_or_partial_file(
 def test_workers_end_when_the_export_is_killed(
     database_url: str, s2_items: list[dict], tmp_path: Path
 ) -> None:
-    store_indexed(database_url, s2_items, chip_size=32)
+    store_indexed(database_url, s2_items, chip_size=STOPPED_CHIP_SIZE)
     proc = _start_export(database_url, tmp_path / "cubes")
     workers = _caught_mid_run(proc)
     with _reaped(proc, workers):
